@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Both create or refresh .venv themselves.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint compose-test bench clean
+
+venv: $(STAMP)
+
+# Reinstall only when the project's declared dependencies or pins change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[collector,torch,dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m ranklog.demo.launch --output_dir demo-output
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+compose-test: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/compose -m compose
+
+bench: venv
+	$(PY) bench/emit.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

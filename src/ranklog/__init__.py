@@ -1,0 +1,36 @@
+"""ranklog: per-rank ZeroMQ logging handler and a sidecar collector for training metrics.
+
+On each rank::
+
+    from ranklog import setup_metric_logger
+    setup_metric_logger("async,tensorboard", output_dir="logs")
+    logging.getLogger("instructlab.training.metrics").info({"loss": 0.5}, extra={"step": 1})
+"""
+
+from ranklog._collector import Collector
+from ranklog._errors import ConfigError, ProtocolError, RanklogError
+from ranklog._filters import FormatDictFilter, IsMappingFilter, IsRank0Filter
+from ranklog._handler import ZMQSocketHandler
+from ranklog._jsonl import AsyncStructuredHandler
+from ranklog._setup import (
+    finish_metric_logger,
+    propagate_package_logs,
+    setup_metric_logger,
+    setup_root_logger,
+)
+
+__all__ = [
+    "AsyncStructuredHandler",
+    "Collector",
+    "ConfigError",
+    "FormatDictFilter",
+    "IsMappingFilter",
+    "IsRank0Filter",
+    "ProtocolError",
+    "RanklogError",
+    "ZMQSocketHandler",
+    "finish_metric_logger",
+    "propagate_package_logs",
+    "setup_metric_logger",
+    "setup_root_logger",
+]

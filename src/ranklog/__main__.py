@@ -1,0 +1,5 @@
+import sys
+
+from ranklog._cli import main
+
+sys.exit(main())

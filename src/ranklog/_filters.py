@@ -1,0 +1,75 @@
+"""InstructLab's metric filters: ``IsMappingFilter``, ``IsRank0Filter``, ``FormatDictFilter``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from ranklog._flatten import flatten_dict
+
+
+class IsMappingFilter(logging.Filter):
+    """Pass only records whose message is a mapping (a metrics dict)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return isinstance(record.msg, Mapping)
+
+
+class IsRank0Filter(logging.Filter):
+    """Pass only records from rank 0.
+
+    The rank is, in order: the record's own ``rank`` (or ``local_rank``) attribute — in
+    the collector that is the rank the record came from —, the explicit ``rank_val``, the
+    ``RANK`` / ``LOCAL_RANK`` environment variable, ``torch.distributed`` if it is
+    initialised, else 0. Unlike the seed, an explicit 0 counts as 0.
+    """
+
+    def __init__(self, rank_val: int | None = None, local_rank: bool = False) -> None:
+        super().__init__()
+        self.rank_val = rank_val
+        self.rank_attr = "local_rank" if local_rank else "rank"
+
+    def _rank(self, record: logging.LogRecord) -> int:
+        from_record = getattr(record, self.rank_attr, None)
+        if from_record is not None:
+            return int(from_record)
+        if self.rank_val is not None:
+            return int(self.rank_val)
+        from_env = os.environ.get(self.rank_attr.upper())
+        if from_env is not None:
+            return int(from_env)
+        torch = sys.modules.get("torch")
+        if self.rank_attr == "rank" and torch is not None:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                return int(dist.get_rank())
+        return 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._rank(record) == 0
+
+
+class FormatDictFilter(logging.Filter):
+    """Render a metrics dict as ``key=value, ...`` for console handlers.
+
+    Floats get three decimals, or scientific notation when tiny or large.
+    """
+
+    @staticmethod
+    def _format_value(value: Any) -> str:
+        if isinstance(value, float):
+            if value != 0 and (abs(value) < 0.001 or abs(value) > 999):
+                return f"{value:.2e}"
+            return f"{value:.3f}"
+        if isinstance(value, int):
+            return f"{value:d}"
+        return repr(value)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, Mapping):
+            flat = flatten_dict(record.msg)
+            record.msg = ", ".join(f"{k}={self._format_value(v)}" for k, v in flat.items())
+        return True

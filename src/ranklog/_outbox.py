@@ -1,0 +1,104 @@
+"""The rank's bounded store of records not yet acknowledged by the collector.
+
+Callers put packed records in; the sender thread takes batches out, marks them in flight,
+and drops them once the collector acknowledges their seq. When the store is full the oldest
+record goes, whether sent or not, and is counted: training never waits for logging.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+
+class Outbox:
+    """Records ``(seq, bytes)`` between ``put`` and acknowledgement, bounded in count and bytes."""
+
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        if max_records < 1 or max_bytes < 1:
+            raise ValueError("Outbox bounds must be positive")
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._unsent: deque[tuple[int, bytes]] = deque()
+        self._inflight: deque[tuple[int, bytes]] = deque()
+        self._oldest_send = 0.0
+        self._nbytes = 0
+        self._next_seq = 1
+
+    def put(self, seq: int, data: bytes) -> None:
+        """Add a record; evict the oldest ones while over a bound."""
+        with self._lock:
+            self._unsent.append((seq, data))
+            self._nbytes += len(data)
+            self._next_seq = max(self._next_seq, seq + 1)
+            while (
+                len(self._unsent) + len(self._inflight) > self.max_records
+                or self._nbytes > self.max_bytes
+            ):
+                _, old = (self._inflight or self._unsent).popleft()
+                self._nbytes -= len(old)
+                self.dropped += 1
+
+    def take(self, max_records: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Move up to a batch of unsent records in flight and return them."""
+        batch: list[tuple[int, bytes]] = []
+        size = 0
+        with self._lock:
+            while self._unsent and len(batch) < max_records and size < max_bytes:
+                item = self._unsent.popleft()
+                batch.append(item)
+                size += len(item[1])
+            if batch and not self._inflight:
+                self._oldest_send = time.monotonic()
+            self._inflight.extend(batch)
+        return batch
+
+    def unsend(self, batch: list[tuple[int, bytes]]) -> None:
+        """Undo the last ``take`` (the socket would not take the batch)."""
+        with self._lock:
+            for _ in range(min(len(batch), len(self._inflight))):
+                self._unsent.appendleft(self._inflight.pop())
+
+    def ack(self, seq: int) -> None:
+        """The collector holds every record up to ``seq``: forget them."""
+        with self._lock:
+            acked = False
+            while self._inflight and self._inflight[0][0] <= seq:
+                self._nbytes -= len(self._inflight.popleft()[1])
+                acked = True
+            while self._unsent and self._unsent[0][0] <= seq:
+                self._nbytes -= len(self._unsent.popleft()[1])
+            if acked:
+                self._oldest_send = time.monotonic()
+
+    def requeue(self, stale_after: float = 0.0) -> int:
+        """Put every in-flight record back in front of the unsent ones, to be sent again.
+
+        With ``stale_after``, only if nothing was acknowledged for that many seconds.
+        """
+        with self._lock:
+            if not self._inflight or time.monotonic() - self._oldest_send < stale_after:
+                return 0
+            count = len(self._inflight)
+            self._unsent.extendleft(reversed(self._inflight))
+            self._inflight.clear()
+            return count
+
+    def base(self) -> int:
+        """Lowest seq still held; everything below it was acknowledged or dropped."""
+        with self._lock:
+            for queue in (self._inflight, self._unsent):
+                if queue:
+                    return queue[0][0]
+            return self._next_seq
+
+    def pending(self) -> int:
+        """Records held, sent or not."""
+        with self._lock:
+            return len(self._unsent) + len(self._inflight)
+
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)

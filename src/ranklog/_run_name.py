@@ -1,0 +1,38 @@
+"""Run-name placeholders: ``{time}``, ``{utc_time}``, ``{rank}``, ``{local_rank}``."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+DEFAULT_RUN_NAME = "{time}_rank{rank}"
+DEFAULT_JSONL_NAME = "training_params_and_metrics_global{rank}"
+
+
+def substitute_placeholders(
+    run_name: str | None,
+    default_template: str = DEFAULT_RUN_NAME,
+    *,
+    rank: int | None = None,
+    local_rank: int | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Fill InstructLab's run-name placeholders.
+
+    ``rank`` and ``local_rank`` default to the ``RANK`` / ``LOCAL_RANK`` environment
+    variables (then 0); in the collector they are the rank the record came from.
+
+    >>> substitute_placeholders("exp_rank{rank}", rank=3)
+    'exp_rank3'
+    """
+    template = default_template if run_name is None else run_name
+    now = now or datetime.now()
+    values = {
+        "{time}": now.isoformat(),
+        "{utc_time}": now.astimezone(timezone.utc).isoformat(),
+        "{rank}": os.environ.get("RANK", 0) if rank is None else rank,
+        "{local_rank}": os.environ.get("LOCAL_RANK", 0) if local_rank is None else local_rank,
+    }
+    for placeholder, value in values.items():
+        template = template.replace(placeholder, str(value))
+    return template

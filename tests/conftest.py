@@ -1,0 +1,107 @@
+"""Shared fixtures: real collector subprocesses on loopback, and clean logging state."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+READY = re.compile(r"listening on (\S+)")
+
+
+@dataclass
+class CollectorProcess:
+    """A `ranklog collect` subprocess and the endpoint it bound."""
+
+    proc: subprocess.Popen[str]
+    endpoint: str
+    output_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+
+def start_collector(
+    output_dir: Path, *args: str, bind: str = "tcp://127.0.0.1:*", timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+) -> CollectorProcess:
+    """Start `python -m ranklog collect` and wait for its ready line."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir.parent / f"{output_dir.name}-collector.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - the process writes it for its whole life
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ranklog", "collect", "--bind", bind,
+         "--output-dir", str(output_dir), *args],
+        stdout=log_file, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = READY.search(log_path.read_text())
+        if match:
+            return CollectorProcess(proc, match.group(1), output_dir, log_path)
+        if proc.poll() is not None:
+            raise AssertionError(f"collector exited early:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"collector never became ready:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]:
+    """Factory for collector subprocesses; any still running at the end are killed."""
+    started: list[CollectorProcess] = []
+
+    def factory(*args: str, output_dir: Path | None = None, **kwargs: object) -> CollectorProcess:
+        c = start_collector(output_dir or tmp_path / "out", *args, **kwargs)  # type: ignore[arg-type]
+        started.append(c)
+        return c
+
+    yield factory
+    for c in started:
+        if c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Tests attach handlers to loggers; put every logger back as it was."""
+    root = logging.getLogger()
+    saved = {
+        name: (lg.handlers[:], lg.level, lg.propagate, lg.filters[:])
+        for name, lg in [("", root), *logging.Logger.manager.loggerDict.items()]
+        if isinstance(lg, logging.Logger)
+    }
+    yield
+    for name, lg in [("", root), *logging.Logger.manager.loggerDict.items()]:
+        if not isinstance(lg, logging.Logger):
+            continue
+        handlers, level, propagate, filters = saved.get(name, ([], logging.NOTSET, True, []))
+        for handler in lg.handlers:
+            if handler not in handlers:
+                handler.close()
+        lg.handlers, lg.level, lg.propagate, lg.filters = handlers, level, propagate, filters
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
