@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m ranklog.demo.launch --output_dir demo-output
+	rm -rf demo-output
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m ranklog.demo --output_dir demo-output --logger_type async
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -39,7 +39,10 @@ class CollectorProcess:
 
 
 def start_collector(
-    output_dir: Path, *args: str, bind: str = "tcp://127.0.0.1:*", timeout: float = 20.0,
+    output_dir: Path,
+    *args: str,
+    bind: str = "tcp://127.0.0.1:*",
+    timeout: float = 20.0,
     env: dict[str, str] | None = None,
 ) -> CollectorProcess:
     """Start `python -m ranklog collect` and wait for its ready line."""
@@ -47,9 +50,20 @@ def start_collector(
     log_path = output_dir.parent / f"{output_dir.name}-collector.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - the process writes it for its whole life
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ranklog", "collect", "--bind", bind,
-         "--output-dir", str(output_dir), *args],
-        stdout=log_file, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ranklog",
+            "collect",
+            "--bind",
+            bind,
+            "--output-dir",
+            str(output_dir),
+            *args,
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + timeout

@@ -5,16 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ranklog._errors import ConfigError
 from ranklog._fanout import QueuedHandler
+from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
+from ranklog._policy import RankPolicy, make_policy, unknown_backends
 
-# logger type -> (handler factory path, filters). TensorBoard and W&B see rank 0 only, as in
+# logger type -> (handler factory path, filters). Which ranks reach a backend is its rank
+# policy (``_policy.py``), not a filter: TensorBoard, W&B and MLflow default to rank 0, as in
 # InstructLab; JSONL keeps one file per rank.
 BACKENDS: dict[str, tuple[str, list[str]]] = {
     "async": ("ranklog.AsyncStructuredHandler", ["is_mapping"]),
+    "tensorboard": ("ranklog.TensorBoardHandler", ["is_mapping"]),
+    "wandb": ("ranklog.WandbHandler", ["is_mapping"]),
+    "mlflow": ("ranklog.MLflowHandler", ["is_mapping"]),
 }
 
 
@@ -73,8 +81,42 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def install_backends(config: dict[str, Any]) -> list[QueuedHandler]:
-    """Apply ``config`` and move every handler it attached behind its own queue."""
+def _policy_for(
+    handler: logging.Handler,
+    policies: Mapping[str, str],
+    world_size: int | None,
+    policy_timeout: float,
+) -> RankPolicy | None:
+    name = handler.get_name() or type(handler).__name__
+    # A handler class may declare its default (TensorBoard and W&B: rank0); others, like a
+    # stdlib handler from a --config file, see every record unless a policy names them.
+    spec = policies.get(name) or getattr(handler, "default_rank_policy", None)
+    if spec is None:
+        return None
+    from ranklog._jsonl import AsyncStructuredHandler
+
+    return make_policy(
+        spec,
+        name,
+        rename=not isinstance(handler, AsyncStructuredHandler),  # it writes a file per rank
+        timeout=policy_timeout,
+        world_size=world_size,
+    )
+
+
+def install_backends(
+    config: dict[str, Any],
+    policies: Mapping[str, str] | None = None,
+    *,
+    world_size: int | None = None,
+    policy_timeout: float = DEFAULT_POLICY_TIMEOUT,
+) -> list[QueuedHandler]:
+    """Apply ``config`` and move every handler it attached behind its own queue.
+
+    ``policies`` maps handler names (``tensorboard``, or a key of the config's
+    ``handlers``) to a rank policy that runs in front of that handler.
+    """
+    policies = dict(policies or {})
     try:
         logging.config.dictConfig(config)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:
@@ -92,7 +134,16 @@ def install_backends(config: dict[str, Any]) -> list[QueuedHandler]:
                 continue
             queued = wrapped.get(id(handler))
             if queued is None:
-                queued = wrapped[id(handler)] = QueuedHandler(handler)
+                policy = _policy_for(handler, policies, world_size, policy_timeout)
+                queued = wrapped[id(handler)] = QueuedHandler(handler, policy=policy)
                 queued.setLevel(handler.level)
             logger.handlers[index] = queued
+    missing = unknown_backends(policies, [queued.name for queued in wrapped.values()])
+    if missing:
+        for queued in wrapped.values():
+            queued.close_within(time.monotonic() + 1.0)
+        raise ConfigError(
+            f"--policy names backend(s) {', '.join(missing)} that the configuration does not "
+            f"have; configured: {', '.join(q.name for q in wrapped.values()) or 'none'}"
+        )
     return list(wrapped.values())

@@ -82,11 +82,12 @@ class RecordEncoder:
 
     def _pack(self, envelope: dict[str, Any]) -> bytes:
         try:
-            return self._packer.pack(envelope)
+            packed: bytes = self._packer.pack(envelope)
         except (TypeError, ValueError, OverflowError):
             # Rare slow path: huge ints, odd keys, cycles or absurd nesting. Rebuild a safe copy.
             self._packer.reset()
-            return self._packer.pack(self._sanitize(envelope, 0))
+            packed = self._packer.pack(self._sanitize(envelope, 0))
+        return packed
 
     def _step(self, value: Any) -> int | None:
         if value is None or type(value) is int:
@@ -130,9 +131,10 @@ class RecordEncoder:
 
 def pack_ack(run: str, rank: int, incarnation: str, seq: int) -> bytes:
     """The collector's acknowledgement: every seq up to ``seq`` is safe."""
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         {"v": PROTOCOL_VERSION, "kind": ACK, "run": run, "rank": rank, "inc": incarnation, "seq": seq}
     )
+    return packed
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

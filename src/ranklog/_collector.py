@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -166,13 +167,14 @@ class Collector:
             _log.info(
                 "ranklog collector listening on %s (backends: %s, output: %s)",
                 self.endpoint,
-                ", ".join(b.name for b in self.backends) or "none",
+                ", ".join(str(b.name) for b in self.backends) or "none",
                 self.output_dir,
             )
             self._ready.set()
             self._serve(sock)
         finally:
-            sock.close(linger=0)
+            # A moment of linger so the last acknowledgements (of goodbyes) reach the ranks.
+            sock.close(linger=500)
             context.term()
             self._ready.set()
         self.exit_code = 0 if self._drain() else 1
@@ -222,11 +224,11 @@ class Collector:
             touched[key] = peer
             self._apply(peer, envelope)
         for (run, rank, inc), peer in touched.items():
-            try:
-                sock.send_multipart([route, pack_ack(run, rank, inc, peer.tracker.contiguous)],
-                                    zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the rank resends after its ack timeout
+            # If the ack cannot go out now, the rank resends after its ack timeout.
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart(
+                    [route, pack_ack(run, rank, inc, peer.tracker.contiguous)], zmq.NOBLOCK
+                )
 
     def _new_peer(self, envelope: dict[str, Any]) -> _Peer:
         peer = _Peer(
@@ -237,7 +239,10 @@ class Collector:
         )
         _log.info(
             "rank %d joined (host %s, pid %d, world size %d)",
-            peer.rank, peer.host, peer.pid, peer.world_size,
+            peer.rank,
+            peer.host,
+            peer.pid,
+            peer.world_size,
         )
         return peer
 
@@ -260,7 +265,9 @@ class Collector:
         if kind == GOODBYE:
             _log.info(
                 "rank %d said goodbye (%d dropped on the rank, %d values sent as repr)",
-                peer.rank, peer.dropped, peer.converted,
+                peer.rank,
+                peer.dropped,
+                peer.converted,
             )
 
     def _dispatch(self, envelope: dict[str, Any]) -> None:

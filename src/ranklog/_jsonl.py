@@ -22,7 +22,7 @@ def _json_encoder() -> Callable[[dict[str, Any]], bytes]:
     except ImportError:
         return lambda entry: json.dumps(entry, default=repr).encode() + b"\n"
     options = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
-    return lambda entry: orjson.dumps(entry, default=repr, option=options)  # type: ignore[no-any-return]
+    return lambda entry: orjson.dumps(entry, default=repr, option=options)
 
 
 class AsyncStructuredHandler(logging.Handler):

@@ -103,11 +103,18 @@ def _start_embedded_collector(
     global _embedded_collector
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "ranklog", "collect",
-        "--bind", bind_address_for(endpoint),
-        "--output-dir", str(output_dir),
-        "--logger-type", ",".join(loggers),
-        "--world-size", str(world_size),
+        sys.executable,
+        "-m",
+        "ranklog",
+        "collect",
+        "--bind",
+        bind_address_for(endpoint),
+        "--output-dir",
+        str(output_dir),
+        "--logger-type",
+        ",".join(loggers),
+        "--world-size",
+        str(world_size),
         "--exit-when-done",
     ]
     if run_name is not None:

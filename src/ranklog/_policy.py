@@ -1,0 +1,350 @@
+"""Rank policies: which ranks' records reach one backend, and how they are merged.
+
+A policy is a small stage that runs on its backend's own queue thread, in front of the
+backend handler. It takes the records of every rank and hands on what that backend should
+see::
+
+    rank0   records from global rank 0 only (InstructLab's ``IsRank0Filter``)
+    first   for each (logger, step, key), the value that arrived first, from any rank
+    all     every rank's record; keys become ``rank{r}/key`` unless the backend already
+            keeps ranks apart (the JSONL backend writes one file per rank)
+    mean, min, max, sum
+            one value per (step, key), reduced across the ranks that reported it; a step is
+            emitted once every expected rank sent a record at that step, or ``timeout``
+            seconds after its first record, always in step order. Each reduced record
+            carries ``ranks_reported`` (also in the message) and ``partial``.
+
+Whatever the policy, a hyper-parameter record (``extra={"hparams": True}``) reaches the
+backend once however many ranks send it. Records without a step (and strings) cannot be
+lined up across ranks, so ``first`` and the reducing policies take them from rank 0.
+
+>>> parse_policy_spec("tensorboard=mean, wandb=rank0")
+{'tensorboard': 'mean', 'wandb': 'rank0'}
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ranklog._errors import ConfigError
+from ranklog._filters import IsRank0Filter
+from ranklog._flatten import flatten_dict
+
+_log = logging.getLogger("ranklog.collector")
+
+REDUCERS: dict[str, Callable[[list[float]], float]] = {
+    "mean": lambda values: math.fsum(values) / len(values),
+    "min": min,
+    "max": max,
+    "sum": lambda values: sum(values) if all(isinstance(v, int) for v in values)
+    else math.fsum(values),
+}
+POLICIES = ("rank0", "first", "all", *REDUCERS)
+DEFAULT_TIMEOUT = 10.0
+RANKS_REPORTED = "ranks_reported"
+
+
+def parse_policy_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"tensorboard=mean,wandb=rank0"`` (or a mapping) -> validated ``{backend: policy}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        pairs: list[tuple[str, str]] = []
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            backend, sep, policy = item.partition("=")
+            if not sep or not backend.strip() or not policy.strip():
+                raise ConfigError(f"policy {item!r}: expected BACKEND=POLICY, e.g. wandb=rank0")
+            pairs.append((backend.strip(), policy.strip()))
+    else:
+        pairs = list(spec.items())
+    result: dict[str, str] = {}
+    for backend, policy in pairs:
+        if policy not in POLICIES:
+            raise ConfigError(
+                f"unknown rank policy {policy!r} for {backend}; expected one of "
+                f"{', '.join(POLICIES)}"
+            )
+        result[backend] = policy
+    return result
+
+
+def format_policy_spec(policies: Mapping[str, str]) -> str:
+    """The inverse of :func:`parse_policy_spec`, for a command line."""
+    return ",".join(f"{backend}={policy}" for backend, policy in policies.items())
+
+
+def _rank(record: logging.LogRecord) -> int:
+    rank = getattr(record, "rank", None)
+    return int(rank) if rank is not None else 0
+
+
+def _derived(record: logging.LogRecord, msg: Any, **attrs: Any) -> logging.LogRecord:
+    # A copy, not an edit: other backends hold the same record object.
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.msg = msg
+    copy.args = None
+    copy.__dict__.update(attrs)
+    return copy
+
+
+class RankPolicy:
+    """Base policy: every record passes, hyper-parameters once.
+
+    The backend's queue thread calls :meth:`accept` for each record, :meth:`due` when
+    :meth:`next_deadline` passes, and :meth:`drain` on shutdown; each returns the records
+    to hand to the backend, in order. Only that one thread touches a policy.
+    """
+
+    name = "all"
+
+    def __init__(self, backend: str = "") -> None:
+        self.backend = backend
+        self._hparams_seen: set[str] = set()
+
+    def accept(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        """Take one record; return what should reach the backend now."""
+        if getattr(record, "hparams", False):
+            return [record] if self._admit(record) and self._first_hparams(record) else []
+        return self._metrics(record, now)
+
+    def due(self, now: float) -> list[logging.LogRecord]:
+        """Records whose wait ended by ``now`` (a reducing policy's timed-out steps)."""
+        return []
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`due` next has something to return, in ``time.monotonic()`` seconds."""
+        return None
+
+    def drain(self) -> list[logging.LogRecord]:
+        """Everything still held, for shutdown."""
+        return []
+
+    def _admit(self, record: logging.LogRecord) -> bool:
+        return True
+
+    def _first_hparams(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        content = flatten_dict(msg) if isinstance(msg, Mapping) else str(msg)
+        key = json.dumps([record.name, content], sort_keys=True, default=repr)
+        if key in self._hparams_seen:
+            return False
+        self._hparams_seen.add(key)
+        return True
+
+    def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        return [record]
+
+
+class Rank0Policy(RankPolicy):
+    """Only global rank 0's records (the default for TensorBoard and W&B)."""
+
+    name = "rank0"
+    _rank0 = IsRank0Filter()
+
+    def _admit(self, record: logging.LogRecord) -> bool:
+        return self._rank0.filter(record)
+
+    def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        return [record] if self._admit(record) else []
+
+
+class AllRanksPolicy(RankPolicy):
+    """Every rank's records; with ``rename``, keys become ``rank{r}/key``."""
+
+    name = "all"
+
+    def __init__(self, backend: str = "", *, rename: bool = True) -> None:
+        super().__init__(backend)
+        self.rename = rename
+
+    def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        if not self.rename or not isinstance(record.msg, Mapping):
+            return [record]
+        prefix = f"rank{_rank(record)}/"
+        return [_derived(record, {prefix + k: v for k, v in flatten_dict(record.msg).items()})]
+
+
+class FirstPolicy(RankPolicy):
+    """The first value for each (logger, step, key), from whichever rank sent it first."""
+
+    name = "first"
+    # Steps remembered; a step older than this many distinct steps counts as new again.
+    window = 4096
+
+    def __init__(self, backend: str = "") -> None:
+        super().__init__(backend)
+        self._seen: OrderedDict[tuple[str, int], set[str]] = OrderedDict()
+
+    def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        step = getattr(record, "step", None)
+        if step is None or not isinstance(record.msg, Mapping):
+            return [record] if _rank(record) == 0 else []
+        seen = self._seen.get((record.name, step))
+        if seen is None:
+            seen = self._seen[(record.name, step)] = set()
+            if len(self._seen) > self.window:
+                self._seen.popitem(last=False)
+        flat = flatten_dict(record.msg)
+        fresh = {k: v for k, v in flat.items() if k not in seen}
+        seen.update(fresh)
+        if not fresh:
+            return []
+        return [record if len(fresh) == len(flat) else _derived(record, fresh)]
+
+
+@dataclass(order=True)
+class _Step:
+    """The records of one (logger, step) from several ranks, waiting to be reduced."""
+
+    step: int
+    order: int
+    logger: str = field(compare=False)
+    deadline: float = field(compare=False)
+    first: logging.LogRecord = field(compare=False)
+    values: dict[str, dict[int, Any]] = field(default_factory=dict, compare=False)
+    ranks: set[int] = field(default_factory=set, compare=False)
+
+
+class ReducePolicy(RankPolicy):
+    """One value per (step, key) across ranks: ``mean``, ``min``, ``max`` or ``sum``.
+
+    ``world_size`` ranks are expected (or as many as the records say, if more); a step
+    waits at most ``timeout`` seconds for the missing ones, then goes out marked partial.
+    Steps leave in step order; a record for a step older than one already emitted is
+    dropped and counted. Values that are not numbers are taken from the lowest rank.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        backend: str = "",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__(backend)
+        self.name = op
+        self.timeout = timeout
+        self.world_size = world_size or 0
+        self._reduce = REDUCERS[op]
+        self._heap: list[_Step] = []
+        self._open: dict[tuple[str, int], _Step] = {}
+        self._order = itertools.count()
+        self._emitted_step: int | None = None
+        self.partial = 0
+        self.late = 0
+
+    def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        step = getattr(record, "step", None)
+        if step is None or not isinstance(record.msg, Mapping):
+            return [record] if _rank(record) == 0 else []
+        self.world_size = max(self.world_size, int(getattr(record, "world_size", None) or 1))
+        if self._emitted_step is not None and step < self._emitted_step:
+            self._count_late(step)
+            return self.due(now)
+        rank = _rank(record)
+        group = self._open.get((record.name, step))
+        if group is None or rank in group.ranks:
+            # A second record from the same rank at this step starts a new group, so the
+            # first one is not held back waiting for ranks that already moved on.
+            group = _Step(step, next(self._order), record.name, now + self.timeout, record)
+            self._open[(record.name, step)] = group
+            heapq.heappush(self._heap, group)
+        group.ranks.add(rank)
+        if rank < _rank(group.first):
+            group.first = record
+        for key, value in flatten_dict(record.msg).items():
+            group.values.setdefault(key, {})[rank] = value
+        return self.due(now)
+
+    def due(self, now: float) -> list[logging.LogRecord]:
+        out = []
+        while self._heap and (
+            len(self._heap[0].ranks) >= self.world_size or now >= self._heap[0].deadline
+        ):
+            out.append(self._emit(heapq.heappop(self._heap), f"after {self.timeout:g}s"))
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._heap[0].deadline if self._heap else None
+
+    def drain(self) -> list[logging.LogRecord]:
+        out = [self._emit(heapq.heappop(self._heap), "at shutdown") for _ in range(len(self._heap))]
+        if self.partial or self.late:
+            _log.info(
+                "policy %s for backend %s: %d step(s) emitted partial, %d late record(s) "
+                "dropped", self.name, self.backend, self.partial, self.late,
+            )
+        return out
+
+    def _emit(self, group: _Step, why: str) -> logging.LogRecord:
+        if self._open.get((group.logger, group.step)) is group:
+            del self._open[(group.logger, group.step)]
+        self._emitted_step = group.step
+        msg = {key: self._combine(by_rank) for key, by_rank in group.values.items()}
+        reported = len(group.ranks)
+        msg[RANKS_REPORTED] = reported
+        partial = reported < self.world_size
+        if partial:
+            self.partial += 1
+            if self.partial == 1:
+                _log.warning(
+                    "policy %s for backend %s: step %d had %d of %d ranks %s; emitted as "
+                    "partial (ranks_reported=%d); further partial steps are counted",
+                    self.name, self.backend, group.step, reported, self.world_size, why,
+                    reported,
+                )
+        return _derived(group.first, msg, ranks_reported=reported, partial=partial)
+
+    def _combine(self, by_rank: dict[int, Any]) -> Any:
+        values = [by_rank[rank] for rank in sorted(by_rank)]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return self._reduce(values)
+        return values[0]
+
+    def _count_late(self, step: int) -> None:
+        self.late += 1
+        if self.late == 1:
+            _log.warning(
+                "policy %s for backend %s: a record for step %d arrived after step %d was "
+                "emitted; dropped (raise --policy-timeout if a rank is this slow); further "
+                "late records are counted",
+                self.name, self.backend, step, self._emitted_step,
+            )
+
+
+def make_policy(
+    name: str,
+    backend: str = "",
+    *,
+    rename: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    world_size: int | None = None,
+) -> RankPolicy:
+    """Build the policy called ``name`` for ``backend``.
+
+    ``rename`` says whether ``all`` prefixes keys with ``rank{r}/`` (not for a backend that
+    already keeps ranks apart); ``timeout`` and ``world_size`` matter to the reducing ones.
+    """
+    if name == "rank0":
+        return Rank0Policy(backend)
+    if name == "first":
+        return FirstPolicy(backend)
+    if name == "all":
+        return AllRanksPolicy(backend, rename=rename)
+    if name in REDUCERS:
+        return ReducePolicy(name, backend, timeout=timeout, world_size=world_size)
+    raise ConfigError(f"unknown rank policy {name!r}; expected one of {', '.join(POLICIES)}")
+
+
+def unknown_backends(policies: Mapping[str, str], backends: Sequence[str]) -> list[str]:
+    """Names in ``policies`` that no configured backend has."""
+    return [name for name in policies if name not in backends]

@@ -1,0 +1,5 @@
+import sys
+
+from ranklog.demo.train import main
+
+sys.exit(main())
