@@ -102,7 +102,8 @@ main() {
     else
         say "no $TORCH_WHEEL; taking torch from pip's index (set RANKLOG_TORCH_WHEEL to a CPU wheel)"
     fi
-    download_into "$OUT/rank" "ranklog==$version" "$torch"
+    # numpy: torch warns at import without it
+    download_into "$OUT/rank" "ranklog==$version" "$torch" numpy
     say "done in $((SECONDS - started))s"
 }
 

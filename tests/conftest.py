@@ -44,10 +44,11 @@ def start_collector(
     bind: str = "tcp://127.0.0.1:*",
     timeout: float = 20.0,
     env: dict[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> CollectorProcess:
     """Start `python -m ranklog collect` and wait for its ready line."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir.parent / f"{output_dir.name}-collector.log"
+    log_path = log_path or output_dir.parent / f"{output_dir.name}-collector.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - the process writes it for its whole life
     proc = subprocess.Popen(
         [

@@ -12,12 +12,15 @@ from ranklog._errors import ConfigError, ProtocolError, RanklogError
 from ranklog._filters import FormatDictFilter, IsMappingFilter, IsRank0Filter
 from ranklog._handler import ZMQSocketHandler
 from ranklog._jsonl import AsyncStructuredHandler
+from ranklog._mlflow import MLflowHandler
 from ranklog._setup import (
     finish_metric_logger,
     propagate_package_logs,
     setup_metric_logger,
     setup_root_logger,
 )
+from ranklog._tensorboard import TensorBoardHandler
+from ranklog._wandb import WandbHandler
 
 __all__ = [
     "AsyncStructuredHandler",
@@ -26,8 +29,11 @@ __all__ = [
     "FormatDictFilter",
     "IsMappingFilter",
     "IsRank0Filter",
+    "MLflowHandler",
     "ProtocolError",
     "RanklogError",
+    "TensorBoardHandler",
+    "WandbHandler",
     "ZMQSocketHandler",
     "finish_metric_logger",
     "propagate_package_logs",

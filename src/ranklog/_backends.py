@@ -88,9 +88,14 @@ def _policy_for(
     policy_timeout: float,
 ) -> RankPolicy | None:
     name = handler.get_name() or type(handler).__name__
-    # A handler class may declare its default (TensorBoard and W&B: rank0); others, like a
-    # stdlib handler from a --config file, see every record unless a policy names them.
-    spec = policies.get(name) or getattr(handler, "default_rank_policy", None)
+    # --policy first, then a config file's choice (its "." key sets ``rank_policy`` on the
+    # handler), then the class default (TensorBoard, W&B: rank0). Other handlers, like a
+    # stdlib one from a --config file, see every record unless a policy names them.
+    spec = (
+        policies.get(name)
+        or getattr(handler, "rank_policy", None)
+        or getattr(handler, "default_rank_policy", None)
+    )
     if spec is None:
         return None
     from ranklog._jsonl import AsyncStructuredHandler
@@ -114,7 +119,8 @@ def install_backends(
     """Apply ``config`` and move every handler it attached behind its own queue.
 
     ``policies`` maps handler names (``tensorboard``, or a key of the config's
-    ``handlers``) to a rank policy that runs in front of that handler.
+    ``handlers``) to a rank policy that runs in front of that handler. A config file can
+    choose one too, with dictConfig's attribute key: ``".": {"rank_policy": "mean"}``.
     """
     policies = dict(policies or {})
     try:
@@ -123,11 +129,15 @@ def install_backends(
         raise ConfigError(f"logging configuration failed: {exc}") from exc
     wrapped: dict[int, QueuedHandler] = {}
     loggers = [logging.getLogger()] + [
-        item for item in logging.Logger.manager.loggerDict.values()
+        item
+        for item in logging.Logger.manager.loggerDict.values()
         if isinstance(item, logging.Logger)
     ]
     for logger in loggers:
         if logger.name.startswith("ranklog"):
+            # A config without `disable_existing_loggers: false` must not silence the
+            # collector's own status and error lines.
+            logger.disabled = False
             continue
         for index, handler in enumerate(logger.handlers):
             if isinstance(handler, QueuedHandler):
@@ -138,12 +148,13 @@ def install_backends(
                 queued = wrapped[id(handler)] = QueuedHandler(handler, policy=policy)
                 queued.setLevel(handler.level)
             logger.handlers[index] = queued
-    missing = unknown_backends(policies, [queued.name for queued in wrapped.values()])
+    names = [str(queued.name) for queued in wrapped.values()]
+    missing = unknown_backends(policies, names)
     if missing:
         for queued in wrapped.values():
             queued.close_within(time.monotonic() + 1.0)
         raise ConfigError(
             f"--policy names backend(s) {', '.join(missing)} that the configuration does not "
-            f"have; configured: {', '.join(q.name for q in wrapped.values()) or 'none'}"
+            f"have; configured: {', '.join(names) or 'none'}"
         )
     return list(wrapped.values())

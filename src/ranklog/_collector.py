@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from ranklog._backends import (
     parse_logger_types,
 )
 from ranklog._codec import (
+    ACK,
     GOODBYE,
     MAX_FRAME_BYTES,
     RECORD,
@@ -30,8 +33,15 @@ from ranklog._dedupe import SeqTracker
 from ranklog._endpoint import is_local_only
 from ranklog._errors import ConfigError, ProtocolError
 from ranklog._fanout import QueuedHandler
+from ranklog._journal import Journal, journal_path
+from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
+from ranklog._policy import parse_policy_spec
+from ranklog._records import build_record, dispatch
 
 _log = logging.getLogger("ranklog.collector")
+EVENTS_FILE = "ranklog-events.jsonl"
+_QUIET_BEFORE_EXIT = 0.3
+MAX_INCARNATIONS = 100_000
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
@@ -48,10 +58,39 @@ class _Peer:
     goodbye_seq: int | None = None
     dropped: int = 0
     converted: int = 0
+    last_step: int | None = None
+    silent: bool = False
 
     @property
     def finished(self) -> bool:
         return self.goodbye_seq is not None and self.tracker.contiguous >= self.goodbye_seq
+
+
+@dataclass
+class _Batch:
+    """What one pass of the receive loop collected, committed together."""
+
+    accepted: list[tuple[_Peer, dict[str, Any], bytes]] = field(default_factory=list)
+    seen: set[tuple[tuple[str, int, str], int]] = field(default_factory=set)
+    acks: dict[tuple[bytes, tuple[str, int, str]], _Peer] = field(default_factory=dict)
+
+
+def _load_key_pair(path: Path) -> tuple[bytes, bytes]:
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read CURVE key {path}: {exc}") from None
+    if secret is None:
+        raise ConfigError(f"{path} holds no secret key; pass the .key_secret file")
+    return public, secret
+
+
+def _summarize(steps: dict[int, int]) -> str:
+    if len(steps) <= 8:
+        return str(steps)
+    return f"{min(steps.values())}..{max(steps.values())} over {len(steps)} ranks"
 
 
 @dataclass
@@ -73,6 +112,8 @@ class Collector:
     a dictConfig YAML/JSON file whose handlers run here. With ``exit_when_done`` the collector
     stops once every one of ``world_size`` ranks said goodbye or stayed silent for
     ``silence_timeout`` seconds. Binding TCP beyond loopback needs ``allow_remote``.
+    ``policy`` (``"tensorboard=mean,wandb=rank0"``) picks each backend's rank policy; a
+    reducing one waits ``policy_timeout`` seconds for missing ranks.
     """
 
     def __init__(
@@ -89,12 +130,18 @@ class Collector:
         drain_timeout: float = 10.0,
         status_interval: float = 30.0,
         allow_remote: bool = False,
+        policy: str | Mapping[str, str] | None = None,
+        policy_timeout: float = DEFAULT_POLICY_TIMEOUT,
+        curve_secret: str | Path | None = None,
+        curve_allow: str | Path | None = None,
     ) -> None:
         if not allow_remote and not is_local_only(bind):
             raise ConfigError(
                 f"refusing to listen on {bind}: beyond this machine; pass allow_remote=True "
                 "(--allow-remote) to accept ranks from other hosts"
             )
+        if curve_allow is not None and curve_secret is None:
+            raise ConfigError("curve_allow needs curve_secret: the collector's own key pair")
         if exit_when_done and not world_size:
             raise ConfigError("exit_when_done needs world_size: how many ranks to wait for")
         self.bind = bind
@@ -107,15 +154,23 @@ class Collector:
         self.silence_timeout = silence_timeout
         self.drain_timeout = drain_timeout
         self.status_interval = status_interval
+        self.policies = parse_policy_spec(policy)  # per backend: rank0, first, all, mean, ...
+        self.policy_timeout = policy_timeout
+        self.curve_secret = Path(curve_secret) if curve_secret else None
+        self.curve_allow = Path(curve_allow) if curve_allow else None
         self.stats = CollectorStats()
         self.endpoint: str | None = None
         self.backends: list[QueuedHandler] = []
         self._peers: dict[tuple[str, int, str], _Peer] = {}
+        self._by_rank: dict[int, list[_Peer]] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = time.monotonic()
         self.exit_code: int | None = None
+        self._journal_error: str | None = None
+        self._journal_retry_at = 0.0
+        self._last_message_at = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -143,19 +198,43 @@ class Collector:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def run(self) -> int:
-        """Listen, serve until stopped (or done), drain, and return the exit code."""
+    def _open_backends(self, *, from_start: bool = False) -> None:
+        """Journal first, then the backends, each resumed from its checkpoint."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(journal_path(self.output_dir))
         config = (
             load_config_file(self.config_path)
             if self.config_path
             else metric_logging_config(self.loggers, self.run_name, self.output_dir)
         )
-        self.backends = install_backends(config)
+        self.backends = install_backends(
+            config, self.policies, world_size=self.world_size, policy_timeout=self.policy_timeout
+        )
+        for backend in self.backends:
+            backend.attach_journal(self.journal, self.journal.path.parent, from_start=from_start)
+        self._recover()
+
+    def replay(self, *, from_start: bool = False) -> int:
+        """Bring the backends up to date from the journal without listening (``ranklog
+        replay``): backfill a backend added later, or one that failed. ``from_start``
+        rebuilds them from the journal's first entry."""
+        self._open_backends(from_start=from_start)
+        self.exit_code = 0 if self._drain() else 1
+        self.journal.close()
+        return self.exit_code
+
+    def run(self) -> int:
+        """Listen, serve until stopped (or done), drain, and return the exit code."""
+        self._open_backends()
         context = zmq.Context()
+        authenticator = self._start_curve(context)
         sock = context.socket(zmq.ROUTER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve_secret is not None:
+                public, secret = _load_key_pair(self.curve_secret)
+                sock.curve_server = True
+                sock.curve_publickey, sock.curve_secretkey = public, secret
             # Frames up to 4x the decode limit arrive and are rejected with a reason; beyond
             # that ZeroMQ drops the peer's connection before anything is buffered.
             sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_FRAME_BYTES)
@@ -175,117 +254,225 @@ class Collector:
         finally:
             # A moment of linger so the last acknowledgements (of goodbyes) reach the ranks.
             sock.close(linger=500)
+            if authenticator is not None:
+                authenticator.stop()
             context.term()
             self._ready.set()
         self.exit_code = 0 if self._drain() else 1
+        self.journal.close()
         return self.exit_code
+
+    def _start_curve(self, context: zmq.Context[Any]) -> Any:
+        """With CURVE keys, start ZeroMQ's authenticator: only allowed client keys connect."""
+        if self.curve_secret is None:
+            return None
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        authenticator = ThreadAuthenticator(context)
+        authenticator.start()
+        if self.curve_allow is None:
+            authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            _log.warning("CURVE without --curve-allow: encrypted, but any client key may connect")
+        else:
+            if not any(self.curve_allow.glob("*.key")):
+                authenticator.stop()
+                raise ConfigError(f"no public keys (*.key) in {self.curve_allow}")
+            authenticator.configure_curve(domain="*", location=str(self.curve_allow))
+        return authenticator
 
     # -- receive loop --------------------------------------------------------------------
 
     def _serve(self, sock: zmq.Socket[Any]) -> None:
         next_status = time.monotonic() + self.status_interval
-        last_accepted = 0
+        last_accepted = self.stats.accepted
+        done_at: float | None = None
         while not self._stop.is_set():
             if sock.poll(100, zmq.POLLIN):
+                batch = _Batch()
                 for _ in range(1000):  # bounded, so stop requests and status lines still run
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_message(sock, frames)
+                    self._receive(frames, batch)
+                self._commit(sock, batch)
             now = time.monotonic()
+            self._check_liveness(now)
             if now >= next_status:
                 rate = (self.stats.accepted - last_accepted) / self.status_interval
                 last_accepted = self.stats.accepted
                 next_status = now + self.status_interval
                 self._log_status(rate)
             if self.exit_when_done and self._all_done(now):
-                _log.info("every rank finished; draining and exiting")
-                return
+                # Stay until the ranks are quiet, so a rank whose last ack went missing can
+                # resend once and hear back, rather than wait out its close timeout.
+                quiet_since = max(self._last_message_at, done_at := done_at or now)
+                if now - quiet_since >= _QUIET_BEFORE_EXIT or now - done_at >= 3.0:
+                    _log.info("every rank finished; draining and exiting")
+                    return
 
-    def _on_message(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+    def _receive(self, frames: list[bytes], batch: _Batch) -> None:
         route, payload = frames[0], frames[1:]
-        touched: dict[tuple[str, int, str], _Peer] = {}
-        now = time.monotonic()
+        now = self._last_message_at = time.monotonic()
         for frame in payload:
             try:
-                envelope = decode(frame)
+                self._receive_frame(route, frame, batch, now)
             except ProtocolError as exc:
                 self._reject(exc)
-                continue
-            key = (envelope["run"], envelope["rank"], envelope["inc"])
-            peer = self._peers.get(key)
-            if peer is None:
-                if envelope["kind"] == "ack":
-                    self._reject(ProtocolError("unexpected-kind", "a rank sent an ack"))
-                    continue
-                peer = self._peers[key] = self._new_peer(envelope)
-            peer.last_seen = now
-            touched[key] = peer
-            self._apply(peer, envelope)
-        for (run, rank, inc), peer in touched.items():
+            except Exception as exc:  # a bug must cost one frame, never the collector
+                self._reject(ProtocolError("internal-error", f"{type(exc).__name__}: {exc}"))
+                if self.stats.rejected["internal-error"] == 1:
+                    _log.exception("error while handling a frame; it was dropped")
+
+    def _receive_frame(self, route: bytes, frame: bytes, batch: _Batch, now: float) -> None:
+        envelope = decode(frame)
+        kind = envelope["kind"]
+        if kind == ACK:
+            raise ProtocolError("unexpected-kind", "a rank sent an ack")
+        key = (envelope["run"], envelope["rank"], envelope["inc"])
+        peer = self._peers.get(key)
+        if peer is None:
+            if len(self._peers) >= MAX_INCARNATIONS:
+                raise ProtocolError("too-many-ranks", f"over {MAX_INCARNATIONS} incarnations")
+            peer = self._add_peer(key, self._new_peer(envelope))
+        if peer.silent:
+            peer.silent = False
+            self._event("rank_resumed", rank=peer.rank, pid=peer.pid)
+        peer.last_seen = now
+        batch.acks[(route, key)] = peer
+        if kind in (RECORD, GOODBYE):
+            seq = envelope["seq"]
+            if peer.tracker.seen(seq) or (key, seq) in batch.seen:
+                self.stats.duplicates += 1
+                return
+            batch.seen.add((key, seq))
+            batch.accepted.append((peer, envelope, frame))
+        else:
+            self._note_counters(peer, envelope)
+
+    def _add_peer(self, key: tuple[str, int, str], peer: _Peer) -> _Peer:
+        self._peers[key] = peer
+        self._by_rank.setdefault(peer.rank, []).append(peer)
+        return peer
+
+    def _commit(self, sock: zmq.Socket[Any], batch: _Batch) -> None:
+        """Journal and fsync the batch, then apply it, then acknowledge: nothing is acked
+        before it is durable, and nothing reaches a backend before it is acked."""
+        if batch.accepted and time.monotonic() < self._journal_retry_at:
+            batch.accepted.clear()  # the disk was just full: let the ranks resend in a moment
+        if batch.accepted:
+            try:
+                ends = [self.journal.append(frame) for _, _, frame in batch.accepted]
+                self.journal.sync()
+            except OSError as exc:
+                self._journal_failed(exc)
+                batch.accepted.clear()  # not acknowledged: the ranks keep them and resend
+            else:
+                if self._journal_error is not None:
+                    _log.warning("journal writable again; acknowledging and delivering resumes")
+                    self._event("journal_resumed", after=self._journal_error)
+                    self._journal_error = None
+                for (peer, envelope, _), end in zip(batch.accepted, ends, strict=True):
+                    try:
+                        self._apply(peer, envelope, end)
+                    except Exception:  # one bad record must never stop the others
+                        self.stats.rejected["internal-error"] += 1
+                        _log.exception("error while applying a record; it was skipped")
+        for (route, (run, rank, inc)), peer in batch.acks.items():
             # If the ack cannot go out now, the rank resends after its ack timeout.
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart(
                     [route, pack_ack(run, rank, inc, peer.tracker.contiguous)], zmq.NOBLOCK
                 )
 
-    def _new_peer(self, envelope: dict[str, Any]) -> _Peer:
+    def _journal_failed(self, exc: OSError) -> None:
+        reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+        self._journal_retry_at = time.monotonic() + 0.5
+        if self._journal_error is None:
+            _log.error(
+                "cannot write the journal %s (%s); not acknowledging anything until it can: "
+                "the ranks hold their records and resend them. Free some space.",
+                self.journal.path,
+                reason,
+            )
+            self._event("journal_blocked", error=reason)
+        self._journal_error = reason
+
+    def _new_peer(self, envelope: dict[str, Any], quiet: bool = False) -> _Peer:
         peer = _Peer(
             rank=envelope["rank"],
             world_size=envelope["world_size"],
             host=envelope["host"],
             pid=envelope["pid"],
         )
-        _log.info(
-            "rank %d joined (host %s, pid %d, world size %d)",
-            peer.rank,
-            peer.host,
-            peer.pid,
-            peer.world_size,
-        )
+        if not quiet:
+            # Past a few thousand incarnations this is noise (or an attack): keep it quiet.
+            _log.log(
+                logging.INFO if len(self._peers) < 4096 else logging.DEBUG,
+                "rank %d joined (host %s, pid %d, world size %d)",
+                peer.rank,
+                peer.host,
+                peer.pid,
+                peer.world_size,
+            )
+            self._event("rank_joined", rank=peer.rank, host=peer.host, pid=peer.pid)
         return peer
 
-    def _apply(self, peer: _Peer, envelope: dict[str, Any]) -> None:
-        kind = envelope["kind"]
-        if kind == RECORD:
-            if peer.tracker.accept(envelope["seq"]):
-                self.stats.accepted += 1
-                self._dispatch(envelope)
-            else:
-                self.stats.duplicates += 1
-            return
-        if kind == GOODBYE:
-            if not peer.tracker.accept(envelope["seq"]):
-                return
-            peer.goodbye_seq = envelope["seq"]
+    def _note_counters(self, peer: _Peer, envelope: dict[str, Any]) -> None:
         peer.dropped = max(peer.dropped, envelope["dropped"])
         peer.converted = max(peer.converted, envelope["converted"])
         peer.tracker.skip_below(envelope["base"])
-        if kind == GOODBYE:
+
+    def _apply(self, peer: _Peer, envelope: dict[str, Any], end: int, deliver: bool = True) -> None:
+        """Accept one journaled record or goodbye (live, or read back after a restart)."""
+        peer.tracker.accept(envelope["seq"])
+        if envelope["kind"] == RECORD:
+            self.stats.accepted += 1
+            if envelope["step"] is not None:
+                peer.last_step = envelope["step"]
+            if deliver:
+                dispatch(build_record(envelope, end))
+            return
+        peer.goodbye_seq = envelope["seq"]
+        self._note_counters(peer, envelope)
+        if deliver:
             _log.info(
                 "rank %d said goodbye (%d dropped on the rank, %d values sent as repr)",
                 peer.rank,
                 peer.dropped,
                 peer.converted,
             )
+            self._event("rank_finished", rank=peer.rank, pid=peer.pid, dropped=peer.dropped)
 
-    def _dispatch(self, envelope: dict[str, Any]) -> None:
-        record = logging.LogRecord(
-            envelope["logger"], envelope["level"], "", 0, envelope["msg"], None, None
-        )
-        record.__dict__.update(envelope["extra"])
-        record.created = envelope["time"]
-        record.msecs = (record.created - int(record.created)) * 1000
-        record.process = envelope["pid"]
-        record.step = envelope["step"]
-        record.hparams = envelope["hparams"]
-        record.rank = envelope["rank"]
-        record.local_rank = envelope["local_rank"]
-        record.world_size = envelope["world_size"]
-        record.host = envelope["host"]
-        record.run_id = envelope["run"]
-        logging.getLogger(envelope["logger"]).handle(record)
+    def _recover(self) -> None:
+        """Read the journal back: every seq accepted before, and what backends still lack."""
+        replay_from = min((b.resume_offset for b in self.backends), default=0)
+        now = time.monotonic()
+        total = replayed = 0
+        for _, end, frame in self.journal.read(0, self.journal.durable_end):
+            try:
+                envelope = decode(frame)
+            except ProtocolError:
+                continue
+            key = (envelope["run"], envelope["rank"], envelope["inc"])
+            peer = self._peers.get(key)
+            if peer is None:
+                peer = self._add_peer(key, self._new_peer(envelope, quiet=True))
+                peer.last_seen = now
+            deliver = end > replay_from
+            self._apply(peer, envelope, end, deliver=deliver)
+            total += 1
+            replayed += deliver
+        if total:
+            _log.info(
+                "journal %s: %d entries from %d rank incarnations already accepted; "
+                "%d replayed to backends that had not written them",
+                self.journal.path,
+                total,
+                len(self._peers),
+                replayed,
+            )
 
     def _reject(self, error: ProtocolError) -> None:
         self.stats.rejected[error.reason] += 1
@@ -294,13 +481,36 @@ class Collector:
 
     # -- liveness and exit ---------------------------------------------------------------
 
+    def _event(self, event: str, **fields: Any) -> None:
+        """Append one line to ``ranklog-events.jsonl``: joins, goodbyes, silences, disk."""
+        line = {"time": time.time(), "event": event, **fields}
+        try:
+            with open(self.output_dir / EVENTS_FILE, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError:
+            pass  # the event is in the collector's log too; a full disk must not stop us
+
+    def _check_liveness(self, now: float) -> None:
+        for peer in self._peers.values():
+            if peer.finished or peer.silent or now - peer.last_seen < self.silence_timeout:
+                continue
+            peer.silent = True
+            _log.warning(
+                "rank %d (host %s, pid %d) has been silent for %.0fs; counting it as gone",
+                peer.rank,
+                peer.host,
+                peer.pid,
+                now - peer.last_seen,
+            )
+            self._event("rank_silent", rank=peer.rank, pid=peer.pid, last_step=peer.last_step)
+
     def _expected_world_size(self) -> int:
         seen = max((peer.world_size for peer in self._peers.values()), default=1)
         return self.world_size or seen
 
     def _all_done(self, now: float) -> bool:
         for rank in range(self._expected_world_size()):
-            peers = [peer for (_, r, _), peer in self._peers.items() if r == rank]
+            peers = self._by_rank.get(rank, [])
             if any(peer.finished for peer in peers):
                 continue
             last_seen = max((peer.last_seen for peer in peers), default=self._started_at)
@@ -309,19 +519,34 @@ class Collector:
         return True
 
     def _log_status(self, rate: float) -> None:
+        latest: dict[int, _Peer] = {}
+        for peer in self._peers.values():
+            if peer.rank not in latest or peer.last_seen > latest[peer.rank].last_seen:
+                latest[peer.rank] = peer
+        steps = {rank: p.last_step for rank, p in sorted(latest.items()) if p.last_step is not None}
+        lead = max(steps.values(), default=0)
+        lagging = {rank: lead - step for rank, step in steps.items() if step < lead}
         _log.info(
-            "%.0f records/s; %d accepted, %d duplicates dropped, %d rank incarnations, "
-            "rank-side drops %d, rejected %s",
+            "%.0f records/s; %d accepted, %d duplicates dropped; ranks %d (%d finished, %d "
+            "silent); last steps %s, lag behind step %d: %s; rank-side drops %d; rejected %s",
             rate,
             self.stats.accepted,
             self.stats.duplicates,
-            len(self._peers),
+            len(latest),
+            sum(p.finished for p in latest.values()),
+            sum(p.silent for p in latest.values()),
+            _summarize(steps),
+            lead,
+            lagging or "none",
             sum(peer.dropped for peer in self._peers.values()),
             dict(self.stats.rejected) or 0,
         )
 
     def _drain(self) -> bool:
         deadline = time.monotonic() + self.drain_timeout
+        # All drain at once, so a hung backend does not use up the others' share of the bound.
+        for backend in self.backends:
+            backend.request_close()
         clean = all([backend.close_within(deadline) for backend in self.backends])
         for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
             if isinstance(logger, logging.Logger):

@@ -15,6 +15,10 @@ class SeqTracker:
         self.contiguous = 0
         self._above: set[int] = set()
 
+    def seen(self, seq: int) -> bool:
+        """Was ``seq`` accepted (or given up) already?"""
+        return seq <= self.contiguous or seq in self._above
+
     def accept(self, seq: int) -> bool:
         """Record ``seq``; False if it was accepted before (a retransmit)."""
         if seq <= self.contiguous or seq in self._above:

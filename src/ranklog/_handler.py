@@ -45,6 +45,11 @@ class SenderSettings:
     ack_timeout: float = 2.0
     batch_records: int = 512
     batch_bytes: int = 1 << 20
+    # Records sent but not yet acknowledged. A window keeps a rank that catches up (after a
+    # collector restart, say) from burying the collector in more than it can acknowledge
+    # within ack_timeout, which would only make it resend, and bounds what the collector
+    # buffers per rank.
+    max_in_flight: int = 4096
 
 
 class ZMQSocketHandler(logging.Handler):
@@ -74,6 +79,8 @@ class ZMQSocketHandler(logging.Handler):
         max_bytes: int = 256 << 20,
         close_timeout: float = 5.0,
         settings: SenderSettings | None = None,
+        curve_server_key: str | bytes | None = None,
+        curve_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(level)
         self.identity: RankIdentity = detect_identity(
@@ -83,6 +90,7 @@ class ZMQSocketHandler(logging.Handler):
         self.close_timeout = close_timeout
         self.settings = settings or SenderSettings()
         self._bounds = (max_records, max_bytes)
+        self.curve = _curve_keys(curve_server_key, curve_key_file)
         self._start_lock = threading.Lock()
         self._fresh_state()
         _live_handlers.add(self)
@@ -181,6 +189,30 @@ class ZMQSocketHandler(logging.Handler):
             )
 
 
+def _curve_keys(
+    server_key: str | bytes | None, key_file: str | os.PathLike[str] | None
+) -> tuple[bytes, bytes, bytes] | None:
+    """CURVE settings: the collector's public key (Z85, or a ``.key`` file) and this
+    client's key pair (a ``.key_secret`` file from ``ranklog keys``; a fresh pair if None)."""
+    if server_key is None:
+        if key_file is not None:
+            raise ValueError("curve_key_file needs curve_server_key: the collector's public key")
+        return None
+    import zmq.auth
+
+    if isinstance(server_key, str) and os.path.exists(server_key):
+        server_key = zmq.auth.load_certificate(server_key)[0]
+    server = server_key.encode() if isinstance(server_key, str) else server_key
+    if key_file is None:
+        public, secret = zmq.curve_keypair()
+    else:
+        public, maybe_secret = zmq.auth.load_certificate(os.fspath(key_file))
+        if maybe_secret is None:
+            raise ValueError(f"{key_file} holds no secret key; pass the .key_secret file")
+        secret = maybe_secret
+    return server, public, secret
+
+
 class _Sender(threading.Thread):
     """Owns the DEALER socket of one handler incarnation."""
 
@@ -201,6 +233,11 @@ class _Sender(threading.Thread):
             # Queue only on live connections: while no collector answers, records wait in the
             # outbox, where they are bounded, counted and resent.
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            if self.handler.curve is not None:
+                server, public, secret = self.handler.curve
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+                    server, public, secret
+                )
             sock.connect(self.handler.endpoint)
             self._loop(sock)
         finally:
@@ -231,10 +268,22 @@ class _Sender(threading.Thread):
 
     def _send_batches(self, sock: zmq.Socket[Any]) -> None:
         settings = self.handler.settings
+        send = sock.send
+        more = zmq.NOBLOCK | zmq.SNDMORE
         while self.outbox.has_unsent():
-            batch = self.outbox.take(settings.batch_records, settings.batch_bytes)
+            room = settings.max_in_flight - self.outbox.in_flight()
+            if room <= 0:
+                return
+            batch = self.outbox.take(min(room, settings.batch_records), settings.batch_bytes)
+            if not batch:
+                return  # the next record waits for its CUDA values to reach the host
+            # One multipart message per batch. A loop over send() holds the GIL about half as
+            # long as send_multipart(), which first type-checks every part in Python.
+            last = len(batch) - 1
             try:
-                sock.send_multipart([data for _, data in batch], zmq.NOBLOCK)
+                for index in range(last):
+                    send(batch[index][1], more)
+                send(batch[last][1], zmq.NOBLOCK)
             except zmq.Again:
                 self.outbox.unsend(batch)
                 return

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ranklog._flatten import flatten_dict
 from ranklog._run_name import DEFAULT_JSONL_NAME, substitute_placeholders
+
+_SPILL_BYTES = 1 << 16
 
 
 def _json_encoder() -> Callable[[dict[str, Any]], bytes]:
@@ -23,6 +27,70 @@ def _json_encoder() -> Callable[[dict[str, Any]], bytes]:
         return lambda entry: json.dumps(entry, default=repr).encode() + b"\n"
     options = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
     return lambda entry: orjson.dumps(entry, default=repr, option=options)
+
+
+_SCALAR_TYPES = frozenset({float, int, str, bool, type(None)})
+_STR_TYPE = frozenset({str})
+
+
+def _flatten(msg: Mapping[Any, Any]) -> dict[str, Any]:
+    """``flatten_dict(msg)``; a flat dict of numbers (the usual record) skips its per-value
+    ``isinstance(value, Mapping)``, which costs more than the rest of a line put together."""
+    if _SCALAR_TYPES.issuperset(map(type, msg.values())) and _STR_TYPE.issuperset(map(type, msg)):
+        return dict(msg)
+    return flatten_dict(msg)
+
+
+class _Timestamps:
+    """``datetime.fromtimestamp(t).isoformat()``, with the text down to the second cached.
+
+    Microseconds are rounded as ``fromtimestamp`` rounds them (half to even, carrying into
+    the second), so the text is the same; only the date arithmetic runs once a second.
+    """
+
+    def __init__(self) -> None:
+        self._second = float("nan")
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        fraction, second = math.modf(created)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            second += 1.0
+            micros -= 1_000_000
+        elif micros < 0:
+            second -= 1.0
+            micros += 1_000_000
+        if second != self._second:
+            self._text = datetime.fromtimestamp(second).isoformat()
+            self._second = second
+        return f"{self._text}.{micros:06d}" if micros else self._text
+
+
+class _JsonlFile:
+    """One output file: our own write buffer over an unbuffered descriptor, so that what
+    reached the file is always known exactly (its size) and unwritten bytes can be dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size
+        self.pending = bytearray()
+
+    def write(self, line: bytes) -> None:
+        self.pending += line
+        if len(self.pending) >= _SPILL_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            written = os.write(self.fd, self.pending)
+            del self.pending[:written]
+            self.size += written
+
+    def discard(self) -> None:
+        self.pending.clear()
+        os.close(self.fd)
 
 
 class AsyncStructuredHandler(logging.Handler):
@@ -54,8 +122,19 @@ class AsyncStructuredHandler(logging.Handler):
         )
         self._started = datetime.now()
         self._encode = _json_encoder()
+        self._timestamp = _Timestamps()
         self._paths: dict[tuple[Any, Any], Path] = {}
-        self._files: dict[Path, IO[bytes]] = {}
+        self._files: dict[Path, _JsonlFile] = {}
+        # Crash recovery, driven by the collector: sizes to cut files back to before writing
+        # again, each file's size when this handler first opened it, and a hook called when a
+        # new file is opened (before anything is written to it).
+        self._restore: dict[str, int] = {}
+        self._truncate_others = False
+        self._opened_at: dict[str, int] = {}
+        self.on_new_file: Callable[[], None] | None = None
+        # In the collector a write error (a full disk) must reach the backend's queue thread,
+        # which rewinds to the last checkpoint and retries from the journal.
+        self.raise_os_errors = False
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_periodically, args=(flush_interval,), daemon=True
@@ -71,15 +150,20 @@ class AsyncStructuredHandler(logging.Handler):
                 path = self.file_name
             else:
                 name = substitute_placeholders(
-                    self.run_name, DEFAULT_JSONL_NAME, rank=key[0], local_rank=key[1],
+                    self.run_name,
+                    DEFAULT_JSONL_NAME,
+                    rank=key[0],
+                    local_rank=key[1],
                     now=self._started,
                 )
                 path = self.log_dir / f"{name}.jsonl"
+                if not path.resolve().is_relative_to(self.log_dir.resolve()):
+                    raise ValueError(f"run name {self.run_name!r} leads outside {self.log_dir}")
             self._paths[key] = path
         return path
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not isinstance(record.msg, Mapping):
+        if type(record.msg) is not dict and not isinstance(record.msg, Mapping):
             warnings.warn(
                 f"AsyncStructuredHandler expected a mapping, got {type(record.msg).__name__}; "
                 "skipping. Add IsMappingFilter to this handler.",
@@ -87,23 +171,63 @@ class AsyncStructuredHandler(logging.Handler):
             )
             return
         try:
-            entry = flatten_dict(record.msg)
+            entry = _flatten(record.msg)
             step = getattr(record, "step", None)
             if step is not None:
                 entry.setdefault("step", step)
-            entry.setdefault("timestamp", datetime.fromtimestamp(record.created).isoformat())
+            if "timestamp" not in entry:
+                entry["timestamp"] = self._timestamp(record.created)
             path = self.path_for(record)
             out = self._files.get(path)
             if out is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                out = self._files[path] = open(path, "ab", buffering=1 << 16)  # noqa: SIM115
+                out = self._open(path)
             out.write(self._encode(entry))
+        except OSError:
+            if self.raise_os_errors:
+                raise
+            self.handleError(record)
         except Exception:
             self.handleError(record)
 
+    def _open(self, path: Path) -> _JsonlFile:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keep = self._restore.get(str(path), 0 if self._truncate_others else None)
+        if keep is not None and path.exists() and path.stat().st_size > keep:
+            os.truncate(path, keep)
+        out = self._files[path] = _JsonlFile(path)
+        self._opened_at.setdefault(str(path), out.size)
+        if self.on_new_file is not None:
+            self.on_new_file()
+        return out
+
+    def checkpoint_files(self) -> dict[str, int]:
+        """Write out the buffers and return each file's size: what a restart may cut back to."""
+        with self.lock:  # type: ignore[union-attr]
+            for out in self._files.values():
+                out.flush()
+            return {str(path): out.size for path, out in self._files.items()}
+
+    def restore_files(self, sizes: dict[str, int], *, truncate_others: bool = False) -> None:
+        """Before writing, cut these files back to ``sizes`` (and, with ``truncate_others``,
+        empty any other file this handler opens): the collector then replays the rest."""
+        self._restore = dict(sizes)
+        self._truncate_others = truncate_others
+
+    def rewind_to(self, sizes: dict[str, int]) -> None:
+        """Drop unwritten buffers and cut every file back to ``sizes`` (files opened since,
+        back to their size at opening): the state of a checkpoint, to replay from."""
+        with self.lock:  # type: ignore[union-attr]
+            for out in self._files.values():
+                out.discard()
+            self._files.clear()
+            self._restore = {**self._opened_at, **sizes}
+            self._truncate_others = False
+
     def _flush_periodically(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self.flush()
+            # On a full disk the bytes stay buffered; the next flush tries again.
+            with contextlib.suppress(OSError):
+                self.flush()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -113,7 +237,10 @@ class AsyncStructuredHandler(logging.Handler):
     def close(self) -> None:
         self._stop.set()
         with self.lock:  # type: ignore[union-attr]
-            for out in self._files.values():
-                out.close()
-            self._files.clear()
+            try:
+                self.flush()
+            finally:
+                for out in self._files.values():
+                    os.close(out.fd)
+                self._files.clear()
         super().close()

@@ -3,6 +3,10 @@
 Callers put packed records in; the sender thread takes batches out, marks them in flight,
 and drops them once the collector acknowledges their seq. When the store is full the oldest
 record goes, whether sent or not, and is counted: training never waits for logging.
+
+A record may also arrive not yet packed (its CUDA values still on the way to host memory,
+see :class:`ranklog._codec.DeferredRecord`). It keeps its place in seq order, and batches stop
+in front of it until its bytes are ready, so acknowledgements stay a contiguous prefix.
 """
 
 from __future__ import annotations
@@ -10,10 +14,28 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Pending(Protocol):
+    """A record whose bytes are not known yet; ``result()`` never blocks."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def result(self) -> bytes | None: ...
+
+
+Item = tuple[int, "bytes | Pending"]
 
 
 class Outbox:
-    """Records ``(seq, bytes)`` between ``put`` and acknowledgement, bounded in count and bytes."""
+    """Records ``(seq, bytes)`` between ``put`` and acknowledgement, bounded in count and bytes.
+
+    ``on_ack``, if set, is called (on the sender thread, outside the lock) with the seq
+    acknowledged whenever an acknowledgement releases records: a hook for measuring latency.
+    """
 
     def __init__(self, max_records: int, max_bytes: int) -> None:
         if max_records < 1 or max_bytes < 1:
@@ -21,36 +43,57 @@ class Outbox:
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.dropped = 0
+        self.on_ack: Callable[[int], None] | None = None
         self._lock = threading.Lock()
-        self._unsent: deque[tuple[int, bytes]] = deque()
+        self._unsent: deque[Item] = deque()
         self._inflight: deque[tuple[int, bytes]] = deque()
         self._oldest_send = 0.0
         self._nbytes = 0
         self._next_seq = 1
 
-    def put(self, seq: int, data: bytes) -> None:
+    def put(self, seq: int, data: bytes | Pending) -> None:
         """Add a record; evict the oldest ones while over a bound."""
+        size = len(data) if type(data) is bytes else data.nbytes
         with self._lock:
             self._unsent.append((seq, data))
-            self._nbytes += len(data)
-            self._next_seq = max(self._next_seq, seq + 1)
-            while (
-                len(self._unsent) + len(self._inflight) > self.max_records
-                or self._nbytes > self.max_bytes
+            self._nbytes += size
+            if seq >= self._next_seq:
+                self._next_seq = seq + 1
+            if (
+                self._nbytes > self.max_bytes
+                or len(self._unsent) + len(self._inflight) > self.max_records
             ):
-                _, old = (self._inflight or self._unsent).popleft()
-                self._nbytes -= len(old)
-                self.dropped += 1
+                self._evict()
+
+    def _evict(self) -> None:
+        while (
+            len(self._unsent) + len(self._inflight) > self.max_records
+            or self._nbytes > self.max_bytes
+        ):
+            _, old = (self._inflight or self._unsent).popleft()
+            self._nbytes -= _size(old)
+            self.dropped += 1
 
     def take(self, max_records: int, max_bytes: int) -> list[tuple[int, bytes]]:
-        """Move up to a batch of unsent records in flight and return them."""
+        """Move up to a batch of unsent records in flight and return them.
+
+        The batch ends early in front of a record whose bytes are not ready yet.
+        """
         batch: list[tuple[int, bytes]] = []
         size = 0
         with self._lock:
-            while self._unsent and len(batch) < max_records and size < max_bytes:
-                item = self._unsent.popleft()
-                batch.append(item)
-                size += len(item[1])
+            unsent = self._unsent
+            while unsent and len(batch) < max_records and size < max_bytes:
+                seq, data = unsent[0]
+                if type(data) is not bytes:
+                    ready = data.result()
+                    if ready is None:
+                        break
+                    self._nbytes += len(ready) - data.nbytes
+                    data = ready
+                unsent.popleft()
+                batch.append((seq, data))
+                size += len(data)
             if batch and not self._inflight:
                 self._oldest_send = time.monotonic()
             self._inflight.extend(batch)
@@ -70,9 +113,11 @@ class Outbox:
                 self._nbytes -= len(self._inflight.popleft()[1])
                 acked = True
             while self._unsent and self._unsent[0][0] <= seq:
-                self._nbytes -= len(self._unsent.popleft()[1])
+                self._nbytes -= _size(self._unsent.popleft()[1])
             if acked:
                 self._oldest_send = time.monotonic()
+        if acked and self.on_ack is not None:
+            self.on_ack(seq)
 
     def requeue(self, stale_after: float = 0.0) -> int:
         """Put every in-flight record back in front of the unsent ones, to be sent again.
@@ -102,3 +147,11 @@ class Outbox:
 
     def has_unsent(self) -> bool:
         return bool(self._unsent)
+
+    def in_flight(self) -> int:
+        """Records sent and not yet acknowledged."""
+        return len(self._inflight)
+
+
+def _size(data: bytes | Pending) -> int:
+    return len(data) if type(data) is bytes else data.nbytes

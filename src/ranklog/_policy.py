@@ -44,8 +44,9 @@ REDUCERS: dict[str, Callable[[list[float]], float]] = {
     "mean": lambda values: math.fsum(values) / len(values),
     "min": min,
     "max": max,
-    "sum": lambda values: sum(values) if all(isinstance(v, int) for v in values)
-    else math.fsum(values),
+    "sum": lambda values: (
+        sum(values) if all(isinstance(v, int) for v in values) else math.fsum(values)
+    ),
 }
 POLICIES = ("rank0", "first", "all", *REDUCERS)
 DEFAULT_TIMEOUT = 10.0
@@ -236,7 +237,7 @@ class ReducePolicy(RankPolicy):
         self.world_size = world_size or 0
         self._reduce = REDUCERS[op]
         self._heap: list[_Step] = []
-        self._open: dict[tuple[str, int], _Step] = {}
+        self._open: dict[tuple[str, int], list[_Step]] = {}
         self._order = itertools.count()
         self._emitted_step: int | None = None
         self.partial = 0
@@ -251,12 +252,13 @@ class ReducePolicy(RankPolicy):
             self._count_late(step)
             return self.due(now)
         rank = _rank(record)
-        group = self._open.get((record.name, step))
-        if group is None or rank in group.ranks:
-            # A second record from the same rank at this step starts a new group, so the
-            # first one is not held back waiting for ranks that already moved on.
+        # A rank's n-th record at a step joins the n-th group of that step, so that a second
+        # dict logged at the same step (say a validation loss) lines up across ranks too.
+        groups = self._open.setdefault((record.name, step), [])
+        group = next((g for g in groups if rank not in g.ranks), None)
+        if group is None:
             group = _Step(step, next(self._order), record.name, now + self.timeout, record)
-            self._open[(record.name, step)] = group
+            groups.append(group)
             heapq.heappush(self._heap, group)
         group.ranks.add(rank)
         if rank < _rank(group.first):
@@ -280,13 +282,18 @@ class ReducePolicy(RankPolicy):
         out = [self._emit(heapq.heappop(self._heap), "at shutdown") for _ in range(len(self._heap))]
         if self.partial or self.late:
             _log.info(
-                "policy %s for backend %s: %d step(s) emitted partial, %d late record(s) "
-                "dropped", self.name, self.backend, self.partial, self.late,
+                "policy %s for backend %s: %d step(s) emitted partial, %d late record(s) dropped",
+                self.name,
+                self.backend,
+                self.partial,
+                self.late,
             )
         return out
 
     def _emit(self, group: _Step, why: str) -> logging.LogRecord:
-        if self._open.get((group.logger, group.step)) is group:
+        groups = self._open[(group.logger, group.step)]
+        groups.remove(group)
+        if not groups:
             del self._open[(group.logger, group.step)]
         self._emitted_step = group.step
         msg = {key: self._combine(by_rank) for key, by_rank in group.values.items()}
@@ -299,7 +306,12 @@ class ReducePolicy(RankPolicy):
                 _log.warning(
                     "policy %s for backend %s: step %d had %d of %d ranks %s; emitted as "
                     "partial (ranks_reported=%d); further partial steps are counted",
-                    self.name, self.backend, group.step, reported, self.world_size, why,
+                    self.name,
+                    self.backend,
+                    group.step,
+                    reported,
+                    self.world_size,
+                    why,
                     reported,
                 )
         return _derived(group.first, msg, ranks_reported=reported, partial=partial)
@@ -317,7 +329,10 @@ class ReducePolicy(RankPolicy):
                 "policy %s for backend %s: a record for step %d arrived after step %d was "
                 "emitted; dropped (raise --policy-timeout if a rank is this slow); further "
                 "late records are counted",
-                self.name, self.backend, step, self._emitted_step,
+                self.name,
+                self.backend,
+                step,
+                self._emitted_step,
             )
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ranklog._endpoint import ENDPOINT_ENV, bind_address_for, derived_endpoint, 
 from ranklog._filters import FormatDictFilter, IsMappingFilter
 from ranklog._handler import ZMQSocketHandler
 from ranklog._identity import detect_identity
+from ranklog._policy import format_policy_spec, parse_policy_spec
 
 PACKAGE_LOGGER = "instructlab.training"
 METRICS_LOGGER = "instructlab.training.metrics"
@@ -50,6 +52,7 @@ def setup_metric_logger(
     logger_name: str = METRICS_LOGGER,
     level: int | str = logging.INFO,
     collector_args: list[str] | None = None,
+    policy: str | Mapping[str, str] | None = None,
     **handler_kwargs: Any,
 ) -> ZMQSocketHandler | None:
     """Send ``logger_name``'s metric dicts to a collector that runs ``loggers``.
@@ -58,6 +61,9 @@ def setup_metric_logger(
     as a child in its own session, bound where every rank of this job derives alike; it
     writes ``loggers`` (``"async,tensorboard,wandb"``) under ``output_dir`` and exits once all
     ranks said goodbye. With an endpoint, a collector is expected there already.
+    ``policy`` picks the embedded collector's rank policy per backend, e.g.
+    ``"tensorboard=mean,wandb=rank0"`` or ``{"tensorboard": "all"}`` (TensorBoard and W&B
+    default to rank 0's records).
 
     >>> setup_metric_logger("async", output_dir="logs")  # doctest: +SKIP
     >>> logging.getLogger("instructlab.training.metrics").info({"loss": 0.5}, extra={"step": 1})
@@ -66,6 +72,7 @@ def setup_metric_logger(
     if not loggers:
         return None
     names = parse_logger_types(loggers)
+    policies = parse_policy_spec(policy)  # a typo fails here, on the rank, not in the child
     propagate_package_logs()
     identity = detect_identity(
         rank=handler_kwargs.get("rank"), world_size=handler_kwargs.get("world_size")
@@ -74,7 +81,15 @@ def setup_metric_logger(
     target = explicit or derived_endpoint(identity)
     if not explicit and identity.rank == 0:
         _start_embedded_collector(
-            target, names, run_name, Path(output_dir), identity.world_size, collector_args or []
+            target,
+            names,
+            run_name,
+            Path(output_dir),
+            identity.world_size,
+            [
+                *(["--policy", format_policy_spec(policies)] if policies else []),
+                *(collector_args or []),
+            ],
         )
 
     metrics_logger = logging.getLogger(logger_name)

@@ -1,0 +1,116 @@
+"""A benchmark rank process: logs metric records through ``ZMQSocketHandler``.
+
+    python bench/_rank.py --endpoint E --world-size 8 --ranks 0 [1 2 ...] --records N
+        [--rate R] [--prefill]
+
+Each listed rank gets its own handler (its own DEALER socket, sender thread and
+incarnation), as if it were its own process. With ``--prefill`` every record is logged
+before the collector exists (the handlers hold them, unsent), the line ``filled`` is printed,
+and the records flow once the collector binds: the collector then sees more than it can take.
+Otherwise ranks log at ``--rate`` records/s each (0: as fast as possible), round-robin.
+
+Ends with ``close()`` on every handler (waits for every acknowledgement) and prints one JSON
+line: per-rank stats and, with ``--latency``, emit-to-ack latencies in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import deque
+
+from ranklog import IsMappingFilter, ZMQSocketHandler
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import _common  # noqa: E402
+
+
+class AckLatency:
+    """Emit-to-ack latency per record, from the outbox's acknowledgement hook.
+
+    ``emitting`` runs on the caller's thread just before ``logger.info``; ``acked`` on the
+    sender thread (deque appends and pops are atomic).
+    """
+
+    def __init__(self) -> None:
+        self.emitted: deque[tuple[int, float]] = deque()
+        self.latencies: list[float] = []
+
+    def emitting(self, seq: int) -> None:
+        self.emitted.append((seq, time.monotonic()))
+
+    def acked(self, seq: int) -> None:
+        now = time.monotonic()
+        while self.emitted and self.emitted[0][0] <= seq:
+            self.latencies.append(now - self.emitted.popleft()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--ranks", type=int, nargs="+", required=True)
+    parser.add_argument("--records", type=int, required=True, help="per rank")
+    parser.add_argument("--rate", type=float, default=0.0, help="records/s per rank")
+    parser.add_argument("--prefill", action="store_true")
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--close-timeout", type=float, default=600.0)
+    args = parser.parse_args()
+
+    loggers = []
+    handlers = []
+    probes = []
+    for rank in args.ranks:
+        handler = ZMQSocketHandler(
+            args.endpoint,
+            rank=rank,
+            local_rank=rank,
+            world_size=args.world_size,
+            run_id="bench",
+            max_records=max(100_000, args.records + 10),
+            close_timeout=args.close_timeout,
+        )
+        handler.addFilter(IsMappingFilter())
+        probe = AckLatency()
+        if args.latency:
+            handler.outbox.on_ack = probe.acked
+        # One logger per rank: a logger's handlers all see every record.
+        logger = logging.getLogger(f"instructlab.training.metrics.rank{rank}")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        loggers.append(logger)
+        handlers.append(handler)
+        probes.append(probe)
+
+    started = time.monotonic()
+    interval = 1.0 / args.rate if args.rate else 0.0
+    for step in range(args.records):
+        for logger, handler, probe in zip(loggers, handlers, probes, strict=True):
+            if args.latency:
+                probe.emitting(step + 1)  # a handler's seqs count its records from 1
+            logger.info(_common.metrics(step), extra={"step": step})
+        if interval:
+            delay = started + (step + 1) * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    if args.prefill:
+        print("filled", flush=True)
+    emitted_s = time.monotonic() - started
+    for handler in handlers:
+        handler.close()
+    result = {
+        "emit_seconds": emitted_s,
+        "ranks": [{"rank": r, **h.stats} for r, h in zip(args.ranks, handlers, strict=True)],
+    }
+    if args.latency:
+        result["latencies"] = [x for probe in probes for x in probe.latencies]
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

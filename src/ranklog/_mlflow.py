@@ -1,0 +1,129 @@
+"""``MLflowHandler``: InstructLab's MLflow backend, run in the collector (``ranklog[mlflow]``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ranklog._flatten import flatten_dict
+from ranklog._run_name import substitute_placeholders
+
+_log = logging.getLogger("ranklog.collector")
+
+
+class MLflowHandler(logging.Handler):
+    """Log each metrics dict to one MLflow run; hyper-parameters become run params.
+
+    Keys are flattened with ``.`` as InstructLab does; only numeric values become metrics.
+    ``tracking_uri`` and ``experiment_name`` default to ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_EXPERIMENT_NAME``; with no tracking URI at all the run is written under
+    ``log_dir/mlruns``. ``mlflow_init_kwargs`` go to ``create_run`` (``tags``,
+    ``start_time``). The run starts at the first record and ends on close. A failure to
+    start is reported once; the collector's other backends go on.
+
+    >>> handler = MLflowHandler(tracking_uri="http://localhost:5000")  # doctest: +SKIP
+    """
+
+    #: Rank policy the collector puts in front of this handler unless told otherwise.
+    default_rank_policy = "rank0"
+
+    def __init__(
+        self,
+        level: int | str = logging.INFO,
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        log_dir: str | os.PathLike[str] = "logs",
+        **mlflow_init_kwargs: Any,
+    ) -> None:
+        super().__init__(level)
+        self.run_name = run_name
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.experiment_name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        self.log_dir = Path(log_dir)
+        self.mlflow_init_kwargs = mlflow_init_kwargs
+        self.run_id: str | None = None
+        self.failure: str | None = None
+        self.dropped = 0
+        self._client: Any = None
+        self._started = datetime.now()
+
+    def _setup(self, record: logging.LogRecord) -> bool:
+        # The client API, not mlflow's fluent one: its active-run state is per thread and
+        # global, and this handler lives on a backend thread of the collector.
+        try:
+            from mlflow.tracking import MlflowClient
+
+            uri = self.tracking_uri or (self.log_dir.resolve() / "mlruns").as_uri()
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = "0"
+            if self.experiment_name:
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                experiment_id = (
+                    experiment.experiment_id
+                    if experiment is not None
+                    else client.create_experiment(self.experiment_name)
+                )
+            name = substitute_placeholders(
+                self.run_name,
+                rank=getattr(record, "rank", None),
+                local_rank=getattr(record, "local_rank", None),
+                now=self._started,
+            )
+            run = client.create_run(experiment_id, run_name=name, **self.mlflow_init_kwargs)
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            _log.error(
+                "backend mlflow: starting the run failed (%s); MLflow is off for this run, "
+                "the other backends go on",
+                self.failure,
+            )
+            return False
+        self._client, self.run_id = client, run.info.run_id
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is not None:
+            self.dropped += 1
+            return
+        if not isinstance(record.msg, Mapping):
+            return
+        if self._client is None and not self._setup(record):
+            self.dropped += 1
+            return
+        try:
+            from mlflow.entities import Metric, Param
+
+            flat = flatten_dict(record.msg, sep=".")
+            if getattr(record, "hparams", False):
+                params = [Param(key, str(value)) for key, value in flat.items()]
+                self._client.log_batch(self.run_id, params=params)
+                return
+            step = getattr(record, "step", None) or 0
+            millis = int(record.created * 1000)
+            metrics = []
+            for key, value in flat.items():
+                try:
+                    metrics.append(Metric(key, float(value), millis, step))
+                except (TypeError, ValueError):
+                    continue  # MLflow metrics are numbers only, as in InstructLab
+            if metrics:
+                self._client.log_batch(self.run_id, metrics=metrics)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        """End the run."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.set_terminated(self.run_id, end_time=int(time.time() * 1000))
+        if self.dropped:
+            _log.warning(
+                "backend mlflow: %d record(s) dropped after it failed to start", self.dropped
+            )
+        super().close()

@@ -1,0 +1,162 @@
+"""``TensorBoardHandler``: InstructLab's TensorBoard backend, written without torch.
+
+Events go through the ``tensorboard`` package's own pieces: its ``EventFileWriter`` (the
+tfevents file, flushed on a timer and on close), ``Summary``/``Event`` protos, the text
+plugin's ``text_pb`` and the HParams plugin's ``hparams_pb``. So the collector needs
+``tensorboard`` but not torch or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ranklog._flatten import flatten_dict
+from ranklog._run_name import substitute_placeholders
+
+_log = logging.getLogger("ranklog.collector")
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    # The HParams plugin takes bool, number or string; show anything else as text.
+    if isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+class TensorBoardHandler(logging.Handler):
+    """Write each metrics dict to TensorBoard under ``log_dir/<run_name>``.
+
+    Numbers (and strings that parse as numbers) become scalars, other strings become text,
+    and a record logged with ``extra={"hparams": True}`` becomes hyper-parameters that the
+    HParams dashboard shows. ``run_name`` defaults to ``{time}_rank{rank}``; in the collector
+    ``{rank}`` is the rank of the first record this handler sees (rank 0 under the default
+    ``rank0`` policy). Events are flushed every ``flush_secs`` seconds and on close.
+
+    >>> handler = TensorBoardHandler(run_name="exp1", log_dir="logs")  # doctest: +SKIP
+    >>> # later: tensorboard --logdir logs
+    """
+
+    #: Rank policy the collector puts in front of this handler unless told otherwise.
+    default_rank_policy = "rank0"
+
+    def __init__(
+        self,
+        level: int | str = logging.INFO,
+        run_name: str | None = None,
+        log_dir: str | os.PathLike[str] = "logs",
+        *,
+        flush_secs: float = 2.0,
+        max_queue: int = 1000,
+        filename_suffix: str = "",
+        **tboard_init_kwargs: Any,
+    ) -> None:
+        if tboard_init_kwargs:
+            raise TypeError(
+                f"TensorBoardHandler got unsupported argument(s) {', '.join(tboard_init_kwargs)}; "
+                "expected flush_secs, max_queue or filename_suffix"
+            )
+        super().__init__(level)
+        self.log_dir = Path(log_dir)
+        self.run_name = run_name
+        self.flush_secs = flush_secs
+        self.max_queue = max_queue
+        self.filename_suffix = filename_suffix
+        self.run_dir: Path | None = None
+        self._started = datetime.now()
+        self._writer: Any = None
+        self._warned: set[str] = set()
+
+    def _setup(self, record: logging.LogRecord) -> Any:
+        try:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError as exc:
+            raise RuntimeError(
+                "TensorBoardHandler needs the tensorboard package: pip install 'ranklog[collector]'"
+            ) from exc
+        name = substitute_placeholders(
+            self.run_name,
+            rank=getattr(record, "rank", None),
+            local_rank=getattr(record, "local_rank", None),
+            now=self._started,
+        )
+        self.run_dir = self.log_dir / name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(
+            str(self.run_dir),
+            max_queue_size=self.max_queue,
+            flush_secs=self.flush_secs,
+            filename_suffix=self.filename_suffix,
+        )
+        return self._writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not isinstance(record.msg, Mapping):
+            self._warn_once(
+                "not-a-mapping",
+                "TensorBoardHandler expected a mapping, got %s; skipping. Add IsMappingFilter "
+                "to this handler.",
+                type(record.msg).__name__,
+            )
+            return
+        try:
+            writer = self._writer or self._setup(record)
+            summary = self._summary(record, record.msg)
+            if summary is None:
+                return
+            from tensorboard.compat.proto.event_pb2 import Event
+
+            step = getattr(record, "step", None)
+            writer.add_event(Event(wall_time=record.created, step=step or 0, summary=summary))
+        except Exception:
+            self.handleError(record)
+
+    def _summary(self, record: logging.LogRecord, msg: Mapping[str, Any]) -> Any:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        flat = flatten_dict(msg)
+        if getattr(record, "hparams", False):
+            from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+
+            hparams = {key: _hparam_value(value) for key, value in flat.items()}
+            return hparams_pb(hparams, start_time_secs=record.created)
+
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        summary = Summary()
+        for key, value in flat.items():
+            try:
+                number = float(value)
+            except ValueError:  # a string that is not a number, e.g. "3.2.3": text
+                summary.value.append(text_pb(key, str(value)).value[0])
+            except TypeError:
+                self._warn_once(
+                    key,
+                    "TensorBoardHandler: %r is a %s, not a number or text; skipping it",
+                    key,
+                    type(value).__name__,
+                )
+            else:
+                summary.value.add(tag=key, simple_value=number)
+        return summary if summary.value else None
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning(message, *args)
+
+    def flush(self) -> None:
+        """Write buffered events to the event file now."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        super().close()

@@ -1,0 +1,163 @@
+"""``WandbHandler``: InstructLab's Weights & Biases backend, run in the collector."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ranklog._flatten import flatten_dict
+from ranklog._run_name import substitute_placeholders
+
+_log = logging.getLogger("ranklog.collector")
+
+
+class WandbHandler(logging.Handler):
+    """Log each metrics dict to one W&B run; hyper-parameters go to the run's config.
+
+    ``wandb.init(dir=log_dir, name=run_name, config={}, **wandb_init_kwargs)`` runs lazily,
+    at the first record. ``WANDB_*`` environment variables keep their meaning: ``WANDB_MODE``
+    (``offline`` needs no account), ``WANDB_PROJECT``, ``WANDB_ENTITY``; ``WANDB_DIR`` and
+    ``WANDB_NAME`` apply when ``log_dir`` / ``run_name`` are left at their defaults. Console
+    capture is off (the collector's console is not the training's) unless ``settings`` or
+    ``WANDB_CONSOLE`` say otherwise. ``{rank}`` in ``run_name`` is the rank of the first
+    record (rank 0 under the default ``rank0`` policy).
+
+    Rows go out with ``run.log(flat, step=step)`` in non-decreasing step order: a record whose
+    step is lower than one already logged is dropped and counted (W&B would drop it
+    silently). If ``wandb.init`` fails, that is reported once and later records are dropped
+    and counted; the collector's other backends go on either way. ``close`` finishes the run.
+
+    >>> handler = WandbHandler(run_name="exp1", log_dir="logs", project="demo")  # doctest: +SKIP
+    """
+
+    #: Rank policy the collector puts in front of this handler unless told otherwise.
+    default_rank_policy = "rank0"
+
+    def __init__(
+        self,
+        level: int | str = logging.INFO,
+        run_name: str | None = None,
+        log_dir: str | os.PathLike[str] = "logs",
+        **wandb_init_kwargs: Any,
+    ) -> None:
+        super().__init__(level)
+        self.log_dir = Path(log_dir)
+        self.run_name = run_name
+        # None means "not given" (InstructLab passes project=None, entity=None): let W&B's
+        # own defaults and WANDB_* variables decide.
+        self.wandb_init_kwargs = {k: v for k, v in wandb_init_kwargs.items() if v is not None}
+        self.failure: str | None = None
+        self.dropped = 0
+        self.out_of_order = 0
+        self._run: Any = None
+        self._last_step: int | None = None
+        self._started = datetime.now()
+
+    @property
+    def run(self) -> Any:
+        """The ``wandb`` run, once the first record started it."""
+        return self._run
+
+    def _init_kwargs(self, record: logging.LogRecord) -> dict[str, Any]:
+        kwargs = dict(self.wandb_init_kwargs)
+        if "dir" not in kwargs and "WANDB_DIR" not in os.environ:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["dir"] = str(self.log_dir)
+        if "name" not in kwargs and (self.run_name is not None or "WANDB_NAME" not in os.environ):
+            kwargs["name"] = substitute_placeholders(
+                self.run_name,
+                rank=getattr(record, "rank", None),
+                local_rank=getattr(record, "local_rank", None),
+                now=self._started,
+            )
+        kwargs.setdefault("config", {})
+        if "settings" not in kwargs and "WANDB_CONSOLE" not in os.environ:
+            # In the collector the console is the collector's own status lines, not the
+            # training's output: nothing worth a W&B log tab.
+            kwargs["settings"] = {"console": "off"}
+        return kwargs
+
+    def _setup(self, record: logging.LogRecord) -> bool:
+        try:
+            import wandb
+
+            self._run = wandb.init(**self._init_kwargs(record))
+        except Exception as exc:  # no account, no network, bad settings: all the same here
+            self.failure = f"{type(exc).__name__}: {exc}"
+            _log.error(
+                "backend wandb: wandb.init failed (%s); W&B is off for this run, the other "
+                "backends go on; records for W&B are dropped and counted",
+                self.failure,
+            )
+            return False
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is not None:
+            self.dropped += 1
+            return
+        if not isinstance(record.msg, Mapping):
+            return
+        if self._run is None and not self._setup(record):
+            self.dropped += 1
+            return
+        try:
+            flat = flatten_dict(record.msg)
+            if getattr(record, "hparams", False):
+                self._run.config.update(flat, allow_val_change=True)
+                return
+            step = getattr(record, "step", None)
+            if step is None:
+                self._run.log(flat)
+                return
+            if self._last_step is not None and step < self._last_step:
+                self.out_of_order += 1
+                if self.out_of_order == 1:
+                    _log.warning(
+                        "backend wandb: step %d arrived after step %d; W&B needs steps in "
+                        "order, so it is dropped (further ones are counted)",
+                        step,
+                        self._last_step,
+                    )
+                return
+            self._last_step = step
+            self._run.log(flat, step=step)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        """Finish the run (uploading it, unless offline) and report what was dropped."""
+        run, self._run = self._run, None
+        if run is not None:
+            run.finish()
+        if self.dropped or self.out_of_order:
+            _log.warning(
+                "backend wandb: %d record(s) dropped after wandb.init failed, %d dropped "
+                "for arriving out of step order",
+                self.dropped,
+                self.out_of_order,
+            )
+        super().close()
+
+
+def teardown_within(timeout: float) -> bool:
+    """Let wandb's service write out what it still holds, waiting at most ``timeout`` s.
+
+    wandb does this itself at interpreter exit. A collector that must leave with
+    ``os._exit`` (because some backend hung) calls this first, so that a healthy W&B run is
+    complete on disk; the bound keeps a hung W&B from holding the exit. Returns whether it
+    finished in time (True when wandb was never imported).
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return True
+    worker = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return not worker.is_alive()

@@ -1,0 +1,315 @@
+"""Delivery guarantees on real processes: crashes, late collectors, dead ranks, full disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from tests.conftest import CollectorProcess, read_jsonl
+from tests.test_integration import REPO
+
+COLLECT_ARGS = ("--silence-timeout", "5", "--status-interval", "1")
+
+
+def free_endpoint() -> str:
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as probe:
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+    return f"tcp://127.0.0.1:{port}"
+
+
+def start_ranks(
+    endpoint: str, world_size: int, records: int, *extra: str
+) -> list[subprocess.Popen[str]]:
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.rank_worker",
+                "--endpoint",
+                endpoint,
+                "--rank",
+                str(r),
+                "--world-size",
+                str(world_size),
+                "--records",
+                str(records),
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+
+
+def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[dict[str, int]]:
+    stats = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        stats.append(json.loads(out.strip().splitlines()[-1]))
+    return stats
+
+
+def step_counts(output_dir: Path, rank: int) -> Counter[int]:
+    path = output_dir / f"training_params_and_metrics_global{rank}.jsonl"
+    return Counter(row["step"] for row in read_jsonl(path))  # type: ignore[misc]
+
+
+def assert_exactly_once(output_dir: Path, world_size: int, records: int) -> None:
+    for rank in range(world_size):
+        counts = step_counts(output_dir, rank)
+        missing = set(range(records)) - set(counts)
+        doubled = {step: n for step, n in counts.items() if n > 1}
+        assert not missing and not doubled, (
+            f"rank {rank}: {len(missing)} missing (e.g. {sorted(missing)[:5]}), "
+            f"{len(doubled)} doubled (e.g. {list(doubled.items())[:5]})"
+        )
+
+
+class TestCollectorCrash:
+    """kill -9 of the collector, restarted on the same address and output directory."""
+
+    def test_kill_twice_nothing_lost_nothing_doubled(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        endpoint, out = free_endpoint(), tmp_path / "out"
+        args = ("--world-size", "4", "--exit-when-done", *COLLECT_ARGS)
+        c = collector(*args, bind=endpoint, output_dir=out)
+        ranks = start_ranks(endpoint, 4, 4000, "--rate", "1000", "--close-timeout", "60")
+        for pause in (1.2, 1.2):
+            time.sleep(pause)
+            c.terminate(signal.SIGKILL)
+            c.wait(10)
+            c = collector(*args, bind=endpoint, output_dir=out)
+        stats = finish(ranks)
+        assert c.wait(timeout=60) == 0, c.log()
+        assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
+        assert "already accepted" in c.log()  # the journal was read back
+        assert_exactly_once(out, 4, 4000)
+
+
+class TestLateCollector:
+    """Ranks that start before the collector lose nothing."""
+
+    def test_collector_starts_five_seconds_late(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        endpoint, out = free_endpoint(), tmp_path / "out"
+        ranks = start_ranks(endpoint, 2, 1000, "--rate", "400", "--close-timeout", "60")
+        time.sleep(5)
+        c = collector(
+            "--world-size", "2", "--exit-when-done", *COLLECT_ARGS, bind=endpoint, output_dir=out
+        )
+        finish(ranks)
+        assert c.wait(timeout=60) == 0, c.log()
+        assert_exactly_once(out, 2, 1000)
+
+
+class TestDeadRank:
+    """kill -9 of one rank: reported silent, the others complete, the collector still exits."""
+
+    def test_killed_rank_reported_and_collector_exits(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        out = tmp_path / "out"
+        c = collector(
+            "--world-size", "3", "--exit-when-done", "--silence-timeout", "2", output_dir=out
+        )
+        ranks = start_ranks(c.endpoint, 3, 1500, "--rate", "500")
+        time.sleep(1.0)
+        ranks[2].kill()
+        finish(ranks[:2])
+        started = time.monotonic()
+        assert c.wait(timeout=60) == 0, c.log()
+        assert time.monotonic() - started < 30
+        assert "rank 2 (host" in c.log() and "silent" in c.log()
+        events = [
+            json.loads(line) for line in (out / "ranklog-events.jsonl").read_text().splitlines()
+        ]
+        assert any(e["event"] == "rank_silent" and e["rank"] == 2 for e in events)
+        assert sum(e["event"] == "rank_finished" for e in events) == 2
+        assert_exactly_once(out, 2, 1500)
+        assert 0 < sum(step_counts(out, 2).values()) < 1500
+
+
+class TestReplay:
+    """`ranklog replay` rebuilds a backend from the journal."""
+
+    def test_rebuild_deleted_jsonl(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        out = tmp_path / "out"
+        c = collector("--world-size", "2", "--exit-when-done", output_dir=out)
+        finish(start_ranks(c.endpoint, 2, 300))
+        assert c.wait(30) == 0
+        original = (out / "training_params_and_metrics_global1.jsonl").read_text()
+        for path in out.glob("*.jsonl"):
+            if path.name.startswith("training"):
+                path.unlink()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ranklog",
+                "replay",
+                "--output-dir",
+                str(out),
+                "--logger-type",
+                "async",
+                "--from-start",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "training_params_and_metrics_global1.jsonl").read_text() == original
+        assert_exactly_once(out, 2, 300)
+
+
+CURVE_RANK = """
+import logging, sys
+from ranklog import ZMQSocketHandler
+server_key = sys.argv[2]
+key_file = sys.argv[3] if len(sys.argv) > 3 else None
+h = ZMQSocketHandler(sys.argv[1], rank=0, world_size=1, close_timeout=3,
+                     curve_server_key=server_key, curve_key_file=key_file)
+log = logging.getLogger("m"); log.addHandler(h); log.setLevel(logging.INFO)
+for step in range(200):
+    log.info({"loss": 1.0}, extra={"step": step})
+h.close()
+print(h.stats["held"])
+"""
+
+
+class TestCurve:
+    """With CURVE, only clients holding an allowed key land anything."""
+
+    def test_allowed_key_lands_everything_others_nothing(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        keys, allowed, other = tmp_path / "keys", tmp_path / "allowed", tmp_path / "other"
+        for folder, name in ((keys, "collector"), (allowed, "rank"), (other, "intruder")):
+            subprocess.run(
+                [sys.executable, "-m", "ranklog", "keys", "--out", str(folder), "--name", name],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+        c = collector(
+            "--curve-secret",
+            str(keys / "collector.key_secret"),
+            "--curve-allow",
+            str(allowed),
+            output_dir=tmp_path / "out",
+        )
+
+        def rank(*args: str) -> str:
+            proc = subprocess.run(
+                [sys.executable, "-c", CURVE_RANK, c.endpoint, *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.strip()
+
+        server_public = str(keys / "collector.key")
+        assert rank(server_public, str(other / "intruder.key_secret")) == "201"  # not allowed
+        assert rank(server_public) == "201"  # a fresh, unknown key pair
+        plain = subprocess.run(  # no CURVE at all
+            [
+                sys.executable,
+                "-m",
+                "tests.rank_worker",
+                "--endpoint",
+                c.endpoint,
+                "--rank",
+                "0",
+                "--world-size",
+                "1",
+                "--records",
+                "50",
+                "--close-timeout",
+                "2",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert plain.returncode == 0
+        out = tmp_path / "out" / "training_params_and_metrics_global0.jsonl"
+        assert not out.exists()
+        assert rank(server_public, str(allowed / "rank.key_secret")) == "0"
+        c.terminate()
+        assert c.wait(30) == 0
+        assert [row["step"] for row in read_jsonl(out)] == list(range(200))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs: a disk that can really fill up."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount_point
+    if os.environ.get("RANKLOG_KEEP_DISK"):
+        subprocess.run(["cp", "-a", str(mount_point), str(tmp_path / "disk-copy")], check=False)
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+class TestFullDisk:
+    """A full disk stops acknowledgements, not the collector; nothing is lost once space returns."""
+
+    def test_no_loss_after_space_is_freed(
+        self, collector: Callable[..., CollectorProcess], small_disk: Path
+    ) -> None:
+        out = small_disk / "out"
+        filler = small_disk / "filler"
+        c = collector(
+            "--world-size",
+            "2",
+            "--exit-when-done",
+            *COLLECT_ARGS,
+            output_dir=out,
+            log_path=small_disk.parent / "collector.log",
+        )
+        free = shutil.disk_usage(small_disk).free
+        filler.write_bytes(b"\0" * (free - 300 * 1024))  # leave room for the first ~1,000 records
+        ranks = start_ranks(c.endpoint, 2, 3000, "--rate", "1000", "--close-timeout", "90")
+        deadline = time.monotonic() + 30
+        while "cannot write" not in c.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "No space left on device" in c.log(), c.log()
+        time.sleep(2)
+        assert all(proc.poll() is None for proc in ranks)  # ranks hold their records
+        filler.unlink()
+        assert all(s["held"] == 0 for s in finish(ranks))
+        assert c.wait(timeout=60) == 0, c.log()
+        events = [
+            json.loads(line) for line in (out / "ranklog-events.jsonl").read_text().splitlines()
+        ]
+        assert any(e["event"] == "journal_blocked" for e in events)
+        assert_exactly_once(out, 2, 3000)
