@@ -29,13 +29,13 @@ from ranklog._codec import (
     decode,
     pack_ack,
 )
-from ranklog._dedupe import SeqTracker
 from ranklog._endpoint import is_local_only
 from ranklog._errors import ConfigError, ProtocolError
 from ranklog._fanout import QueuedHandler
 from ranklog._journal import Journal, journal_path
 from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
 from ranklog._policy import parse_policy_spec
+from ranklog._ranks import Peer, PeerKey, RankTable
 from ranklog._records import build_record, dispatch
 
 _log = logging.getLogger("ranklog.collector")
@@ -46,33 +46,12 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
 @dataclass
-class _Peer:
-    """One rank incarnation as the collector sees it."""
-
-    rank: int
-    world_size: int
-    host: str
-    pid: int
-    tracker: SeqTracker = field(default_factory=SeqTracker)
-    last_seen: float = 0.0
-    goodbye_seq: int | None = None
-    dropped: int = 0
-    converted: int = 0
-    last_step: int | None = None
-    silent: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.goodbye_seq is not None and self.tracker.contiguous >= self.goodbye_seq
-
-
-@dataclass
 class _Batch:
     """What one pass of the receive loop collected, committed together."""
 
-    accepted: list[tuple[_Peer, dict[str, Any], bytes]] = field(default_factory=list)
-    seen: set[tuple[tuple[str, int, str], int]] = field(default_factory=set)
-    acks: dict[tuple[bytes, tuple[str, int, str]], _Peer] = field(default_factory=dict)
+    accepted: list[tuple[Peer, dict[str, Any], bytes]] = field(default_factory=list)
+    seen: set[tuple[PeerKey, int]] = field(default_factory=set)
+    acks: dict[tuple[bytes, PeerKey], Peer] = field(default_factory=dict)
 
 
 def _load_key_pair(path: Path) -> tuple[bytes, bytes]:
@@ -85,12 +64,6 @@ def _load_key_pair(path: Path) -> tuple[bytes, bytes]:
     if secret is None:
         raise ConfigError(f"{path} holds no secret key; pass the .key_secret file")
     return public, secret
-
-
-def _summarize(steps: dict[int, int]) -> str:
-    if len(steps) <= 8:
-        return str(steps)
-    return f"{min(steps.values())}..{max(steps.values())} over {len(steps)} ranks"
 
 
 @dataclass
@@ -161,8 +134,7 @@ class Collector:
         self.stats = CollectorStats()
         self.endpoint: str | None = None
         self.backends: list[QueuedHandler] = []
-        self._peers: dict[tuple[str, int, str], _Peer] = {}
-        self._by_rank: dict[int, list[_Peer]] = {}
+        self.ranks = RankTable()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -331,11 +303,11 @@ class Collector:
         if kind == ACK:
             raise ProtocolError("unexpected-kind", "a rank sent an ack")
         key = (envelope["run"], envelope["rank"], envelope["inc"])
-        peer = self._peers.get(key)
+        peer = self.ranks.get(key)
         if peer is None:
-            if len(self._peers) >= MAX_INCARNATIONS:
+            if len(self.ranks) >= MAX_INCARNATIONS:
                 raise ProtocolError("too-many-ranks", f"over {MAX_INCARNATIONS} incarnations")
-            peer = self._add_peer(key, self._new_peer(envelope))
+            peer = self.ranks.add(key, self._new_peer(envelope))
         if peer.silent:
             peer.silent = False
             self._event("rank_resumed", rank=peer.rank, pid=peer.pid)
@@ -350,11 +322,6 @@ class Collector:
             batch.accepted.append((peer, envelope, frame))
         else:
             self._note_counters(peer, envelope)
-
-    def _add_peer(self, key: tuple[str, int, str], peer: _Peer) -> _Peer:
-        self._peers[key] = peer
-        self._by_rank.setdefault(peer.rank, []).append(peer)
-        return peer
 
     def _commit(self, sock: zmq.Socket[Any], batch: _Batch) -> None:
         """Journal and fsync the batch, then apply it, then acknowledge: nothing is acked
@@ -399,8 +366,8 @@ class Collector:
             self._event("journal_blocked", error=reason)
         self._journal_error = reason
 
-    def _new_peer(self, envelope: dict[str, Any], quiet: bool = False) -> _Peer:
-        peer = _Peer(
+    def _new_peer(self, envelope: dict[str, Any], quiet: bool = False) -> Peer:
+        peer = Peer(
             rank=envelope["rank"],
             world_size=envelope["world_size"],
             host=envelope["host"],
@@ -409,7 +376,7 @@ class Collector:
         if not quiet:
             # Past a few thousand incarnations this is noise (or an attack): keep it quiet.
             _log.log(
-                logging.INFO if len(self._peers) < 4096 else logging.DEBUG,
+                logging.INFO if len(self.ranks) < 4096 else logging.DEBUG,
                 "rank %d joined (host %s, pid %d, world size %d)",
                 peer.rank,
                 peer.host,
@@ -419,12 +386,12 @@ class Collector:
             self._event("rank_joined", rank=peer.rank, host=peer.host, pid=peer.pid)
         return peer
 
-    def _note_counters(self, peer: _Peer, envelope: dict[str, Any]) -> None:
+    def _note_counters(self, peer: Peer, envelope: dict[str, Any]) -> None:
         peer.dropped = max(peer.dropped, envelope["dropped"])
         peer.converted = max(peer.converted, envelope["converted"])
         peer.tracker.skip_below(envelope["base"])
 
-    def _apply(self, peer: _Peer, envelope: dict[str, Any], end: int, deliver: bool = True) -> None:
+    def _apply(self, peer: Peer, envelope: dict[str, Any], end: int, deliver: bool = True) -> None:
         """Accept one journaled record or goodbye (live, or read back after a restart)."""
         peer.tracker.accept(envelope["seq"])
         if envelope["kind"] == RECORD:
@@ -456,9 +423,9 @@ class Collector:
             except ProtocolError:
                 continue
             key = (envelope["run"], envelope["rank"], envelope["inc"])
-            peer = self._peers.get(key)
+            peer = self.ranks.get(key)
             if peer is None:
-                peer = self._add_peer(key, self._new_peer(envelope, quiet=True))
+                peer = self.ranks.add(key, self._new_peer(envelope, quiet=True))
                 peer.last_seen = now
             deliver = end > replay_from
             self._apply(peer, envelope, end, deliver=deliver)
@@ -470,7 +437,7 @@ class Collector:
                 "%d replayed to backends that had not written them",
                 self.journal.path,
                 total,
-                len(self._peers),
+                len(self.ranks),
                 replayed,
             )
 
@@ -491,10 +458,7 @@ class Collector:
             pass  # the event is in the collector's log too; a full disk must not stop us
 
     def _check_liveness(self, now: float) -> None:
-        for peer in self._peers.values():
-            if peer.finished or peer.silent or now - peer.last_seen < self.silence_timeout:
-                continue
-            peer.silent = True
+        for peer in self.ranks.newly_silent(now, self.silence_timeout):
             _log.warning(
                 "rank %d (host %s, pid %d) has been silent for %.0fs; counting it as gone",
                 peer.rank,
@@ -504,41 +468,17 @@ class Collector:
             )
             self._event("rank_silent", rank=peer.rank, pid=peer.pid, last_step=peer.last_step)
 
-    def _expected_world_size(self) -> int:
-        seen = max((peer.world_size for peer in self._peers.values()), default=1)
-        return self.world_size or seen
-
     def _all_done(self, now: float) -> bool:
-        for rank in range(self._expected_world_size()):
-            peers = self._by_rank.get(rank, [])
-            if any(peer.finished for peer in peers):
-                continue
-            last_seen = max((peer.last_seen for peer in peers), default=self._started_at)
-            if now - last_seen < self.silence_timeout:
-                return False
-        return True
+        world_size = self.world_size or self.ranks.largest_world_size()
+        return self.ranks.all_done(world_size, now, self._started_at, self.silence_timeout)
 
     def _log_status(self, rate: float) -> None:
-        latest: dict[int, _Peer] = {}
-        for peer in self._peers.values():
-            if peer.rank not in latest or peer.last_seen > latest[peer.rank].last_seen:
-                latest[peer.rank] = peer
-        steps = {rank: p.last_step for rank, p in sorted(latest.items()) if p.last_step is not None}
-        lead = max(steps.values(), default=0)
-        lagging = {rank: lead - step for rank, step in steps.items() if step < lead}
         _log.info(
-            "%.0f records/s; %d accepted, %d duplicates dropped; ranks %d (%d finished, %d "
-            "silent); last steps %s, lag behind step %d: %s; rank-side drops %d; rejected %s",
+            "%.0f records/s; %d accepted, %d duplicates dropped; %s; rejected %s",
             rate,
             self.stats.accepted,
             self.stats.duplicates,
-            len(latest),
-            sum(p.finished for p in latest.values()),
-            sum(p.silent for p in latest.values()),
-            _summarize(steps),
-            lead,
-            lagging or "none",
-            sum(peer.dropped for peer in self._peers.values()),
+            self.ranks.status(),
             dict(self.stats.rejected) or 0,
         )
 

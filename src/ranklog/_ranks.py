@@ -1,0 +1,99 @@
+"""The collector's view of the ranks: one entry per rank incarnation, liveness, progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ranklog._dedupe import SeqTracker
+
+PeerKey = tuple[str, int, str]  # (run id, rank, incarnation)
+
+
+@dataclass
+class Peer:
+    """One rank incarnation: what it sent, when it was last heard, how it ended."""
+
+    rank: int
+    world_size: int
+    host: str
+    pid: int
+    tracker: SeqTracker = field(default_factory=SeqTracker)
+    last_seen: float = 0.0
+    goodbye_seq: int | None = None
+    dropped: int = 0
+    converted: int = 0
+    last_step: int | None = None
+    silent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """Said goodbye, and everything before the goodbye arrived."""
+        return self.goodbye_seq is not None and self.tracker.contiguous >= self.goodbye_seq
+
+
+class RankTable:
+    """Every incarnation seen, indexed by key and by rank."""
+
+    def __init__(self) -> None:
+        self._peers: dict[PeerKey, Peer] = {}
+        self._by_rank: dict[int, list[Peer]] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(self._peers.values())
+
+    def get(self, key: PeerKey) -> Peer | None:
+        return self._peers.get(key)
+
+    def add(self, key: PeerKey, peer: Peer) -> Peer:
+        self._peers[key] = peer
+        self._by_rank.setdefault(peer.rank, []).append(peer)
+        return peer
+
+    def newly_silent(self, now: float, timeout: float) -> list[Peer]:
+        """Peers unheard for ``timeout`` seconds that were not yet reported; marks them."""
+        found = []
+        for peer in self._peers.values():
+            if not peer.finished and not peer.silent and now - peer.last_seen >= timeout:
+                peer.silent = True
+                found.append(peer)
+        return found
+
+    def all_done(self, world_size: int, now: float, since: float, timeout: float) -> bool:
+        """Has each of ranks 0..world_size-1 finished, or been silent (or absent since
+        ``since``) for ``timeout`` seconds?"""
+        for rank in range(world_size):
+            peers = self._by_rank.get(rank, [])
+            if any(peer.finished for peer in peers):
+                continue
+            last_seen = max((peer.last_seen for peer in peers), default=since)
+            if now - last_seen < timeout:
+                return False
+        return True
+
+    def largest_world_size(self) -> int:
+        return max((peer.world_size for peer in self._peers.values()), default=1)
+
+    def status(self) -> str:
+        """Ranks, finished/silent counts, last steps, lag behind the leading rank, drops."""
+        latest: dict[int, Peer] = {}
+        for peer in self._peers.values():
+            if peer.rank not in latest or peer.last_seen > latest[peer.rank].last_seen:
+                latest[peer.rank] = peer
+        steps = {r: p.last_step for r, p in sorted(latest.items()) if p.last_step is not None}
+        lead = max(steps.values(), default=0)
+        lagging = {rank: lead - step for rank, step in steps.items() if step < lead}
+        shown = (
+            str(steps)
+            if len(steps) <= 8
+            else (f"{min(steps.values())}..{lead} over {len(steps)} ranks")
+        )
+        return (
+            f"ranks {len(latest)} ({sum(p.finished for p in latest.values())} finished, "
+            f"{sum(p.silent for p in latest.values())} silent); last steps {shown}, "
+            f"lag behind step {lead}: {lagging or 'none'}; "
+            f"rank-side drops {sum(p.dropped for p in self._peers.values())}"
+        )
