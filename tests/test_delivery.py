@@ -70,6 +70,15 @@ def step_counts(output_dir: Path, rank: int) -> Counter[int]:
     return Counter(row["step"] for row in read_jsonl(path))  # type: ignore[misc]
 
 
+def tensorboard_loss_steps(run_dir: Path) -> list[int]:
+    """The steps of every `loss` scalar in a TensorBoard run, read by TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars("loss")]
+
+
 def assert_exactly_once(output_dir: Path, world_size: int, records: int) -> None:
     for rank in range(world_size):
         counts = step_counts(output_dir, rank)
@@ -88,7 +97,8 @@ class TestCollectorCrash:
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
         endpoint, out = free_endpoint(), tmp_path / "out"
-        args = ("--world-size", "4", "--exit-when-done", *COLLECT_ARGS)
+        args = ("--world-size", "4", "--exit-when-done", "--logger-type", "async,tensorboard",
+                "--run-name", "crash", *COLLECT_ARGS)
         c = collector(*args, bind=endpoint, output_dir=out)
         ranks = start_ranks(endpoint, 4, 4000, "--rate", "1000", "--close-timeout", "60")
         for pause in (1.2, 1.2):
@@ -101,6 +111,8 @@ class TestCollectorCrash:
         assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
         assert "already accepted" in c.log()  # the journal was read back
         assert_exactly_once(out, 4, 4000)
+        tensorboard_steps = tensorboard_loss_steps(out / "crash")
+        assert sorted(tensorboard_steps) == list(range(4000))  # rank 0's, each step once
 
 
 class TestLateCollector:

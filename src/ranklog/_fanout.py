@@ -86,8 +86,10 @@ class QueuedHandler(logging.Handler):
         self._journal = journal
         self._checkpoint_path = state_dir / f"backend-{self.name}.json"
         saved: dict[str, Any] = {"offset": 0, "files": {}}
-        if not from_start and self._checkpoint_path.exists():
+        if self._checkpoint_path.exists():
             saved = json.loads(self._checkpoint_path.read_text())
+        if from_start:  # rebuild: the same files, emptied
+            saved = {"offset": 0, "files": dict.fromkeys(saved["files"], 0)}
         restore = getattr(self.inner, "restore_files", None)
         if restore is not None:
             restore(saved["files"], truncate_others=from_start)

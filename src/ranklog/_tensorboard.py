@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,12 @@ class TensorBoardHandler(logging.Handler):
         self._started = datetime.now()
         self._writer: Any = None
         self._warned: set[str] = set()
+        # Crash recovery, driven by the collector (see _fanout.QueuedHandler): the run folder
+        # to keep writing into after a restart, whether to start it empty, and a hook to call
+        # once a new event file exists.
+        self._resume_dir: Path | None = None
+        self._start_empty = False
+        self.on_new_file: Callable[[], None] | None = None
 
     def _setup(self, record: logging.LogRecord) -> Any:
         try:
@@ -84,14 +90,19 @@ class TensorBoardHandler(logging.Handler):
             local_rank=getattr(record, "local_rank", None),
             now=self._started,
         )
-        self.run_dir = self.log_dir / name
+        self.run_dir = self._resume_dir or self.log_dir / name
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._start_empty:
+            for old in self.run_dir.glob("events.out.tfevents.*"):
+                old.unlink()
         self._writer = EventFileWriter(
             str(self.run_dir),
             max_queue_size=self.max_queue,
             flush_secs=self.flush_secs,
             filename_suffix=self.filename_suffix,
         )
+        if self.on_new_file is not None:
+            self.on_new_file()
         return self._writer
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -148,6 +159,24 @@ class TensorBoardHandler(logging.Handler):
         if key not in self._warned:
             self._warned.add(key)
             _log.warning(message, *args)
+
+    def checkpoint_files(self) -> dict[str, int]:
+        """Flush, and return the event file's size: what a restart may cut it back to."""
+        if self._writer is None:
+            return {}
+        self._writer.flush()
+        # EventFileWriter keeps its file's name private; each process writes a file of its own.
+        path = str(self._writer._file_name)
+        return {path: os.path.getsize(path)}
+
+    def restore_files(self, sizes: dict[str, int], *, truncate_others: bool = False) -> None:
+        """Cut event files written before a crash back to their checkpointed sizes (whole
+        events) and keep writing the same run; with ``truncate_others``, start it empty."""
+        for path, size in sizes.items():
+            if os.path.exists(path) and os.path.getsize(path) > size:
+                os.truncate(path, size)
+            self._resume_dir = Path(path).parent
+        self._start_empty = truncate_others
 
     def flush(self) -> None:
         """Write buffered events to the event file now."""
