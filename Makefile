@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: venv
 	rm -rf demo-output
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m ranklog.demo --output_dir demo-output --logger_type async
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/torchrun --standalone --nproc-per-node 2 \
+		-m ranklog.demo --output_dir demo-output --logger_type async,tensorboard,wandb
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -4,13 +4,15 @@
         [--rate R] [--prefill]
 
 Each listed rank gets its own handler (its own DEALER socket, sender thread and
-incarnation), as if it were its own process. With ``--prefill`` every record is logged
+incarnation), as if it were its own process. With ``--wait-go`` the handlers connect first
+and logging starts when a line arrives on stdin, so that many processes start together. With ``--prefill`` every record is logged
 before the collector exists (the handlers hold them, unsent), the line ``filled`` is printed,
 and the records flow once the collector binds: the collector then sees more than it can take.
 Otherwise ranks log at ``--rate`` records/s each (0: as fast as possible), round-robin.
 
 Ends with ``close()`` on every handler (waits for every acknowledgement) and prints one JSON
-line: per-rank stats and, with ``--latency``, emit-to-ack latencies in seconds.
+line (or writes it to ``--result``): per-rank stats, the process's CPU seconds and, with
+``--latency``, emit-to-ack latencies in seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -37,7 +40,7 @@ class AckLatency:
 
     def __init__(self) -> None:
         self.emitted: deque[tuple[int, float]] = deque()
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[float, float]] = []  # (emitted at, latency)
 
     def emitting(self, seq: int) -> None:
         self.emitted.append((seq, time.monotonic()))
@@ -45,7 +48,8 @@ class AckLatency:
     def acked(self, seq: int) -> None:
         now = time.monotonic()
         while self.emitted and self.emitted[0][0] <= seq:
-            self.latencies.append(now - self.emitted.popleft()[1])
+            emitted = self.emitted.popleft()[1]
+            self.latencies.append((emitted, now - emitted))
 
 
 def main() -> int:
@@ -58,6 +62,11 @@ def main() -> int:
     parser.add_argument("--prefill", action="store_true")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--close-timeout", type=float, default=600.0)
+    parser.add_argument("--result", help="write the result JSON here instead of stdout")
+    parser.add_argument(
+        "--wait-go", action="store_true",
+        help="connect every handler, print 'ready', and start logging at a line on stdin",
+    )  # fmt: skip
     args = parser.parse_args()
 
     loggers = []
@@ -86,7 +95,13 @@ def main() -> int:
         handlers.append(handler)
         probes.append(probe)
 
+    if args.wait_go:
+        for handler in handlers:
+            handler.start()
+        print("ready", flush=True)
+        sys.stdin.readline()
     started = time.monotonic()
+    cpu_started = os.times()
     interval = 1.0 / args.rate if args.rate else 0.0
     for step in range(args.records):
         for logger, handler, probe in zip(loggers, handlers, probes, strict=True):
@@ -100,15 +115,26 @@ def main() -> int:
     if args.prefill:
         print("filled", flush=True)
     emitted_s = time.monotonic() - started
+    cpu_logged = os.times()
     for handler in handlers:
         handler.close()
+    times = os.times()
     result = {
+        "cpu_seconds": times.user + times.system,
+        "cpu_seconds_logging": cpu_logged.user + cpu_logged.system
+        - cpu_started.user - cpu_started.system,
         "emit_seconds": emitted_s,
         "ranks": [{"rank": r, **h.stats} for r, h in zip(args.ranks, handlers, strict=True)],
     }
     if args.latency:
-        result["latencies"] = [x for probe in probes for x in probe.latencies]
-    print(json.dumps(result), flush=True)
+        result["latencies"] = [
+            (at - started, latency) for probe in probes for at, latency in probe.latencies
+        ]
+    if args.result:
+        with open(args.result, "w") as out:
+            json.dump(result, out)
+    else:
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -36,22 +36,22 @@ host_python() {
 # glibc versions by itself, so list every one up to bookworm's glibc 2.36.
 target_flags() {
     local y
-    echo --only-binary=:all: --python-version 3.11 --implementation cp \
+    printf '%s\n' --only-binary=:all: --python-version 3.11 --implementation cp \
         --abi cp311 --abi abi3 --abi none
-    for y in $(seq 36 -1 5); do echo --platform "manylinux_2_${y}_x86_64"; done
-    echo --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
+    for y in $(seq 36 -1 5); do printf '%s\n' --platform "manylinux_2_${y}_x86_64"; done
+    printf '%s\n' --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
         --platform manylinux1_x86_64 --platform linux_x86_64
 }
 
 # pip download "$@" into a fresh directory; swap it in for $1 only when anything differs.
 download_into() {
-    local dest=$1 fresh
+    local dest=$1 fresh flags
     shift
+    mapfile -t flags < <(target_flags)
     fresh=$(mktemp -d "$OUT/.download.XXXXXX")
-    # shellcheck disable=SC2046  # target_flags is a word list on purpose
     local log=$HERE/.build/pip-download.log
     if ! timeout 900 "$PY" -m pip download -q --disable-pip-version-check --dest "$fresh" \
-        -c "$ROOT/constraints.txt" --find-links "$OUT/project" $(target_flags) "$@" \
+        -c "$ROOT/constraints.txt" --find-links "$OUT/project" "${flags[@]}" "$@" \
         >"$log" 2>&1; then
         rm -rf "$fresh"
         grep -v 'is neither a file nor a directory' "$log" | tail -n 30 >&2 || true
@@ -72,6 +72,7 @@ download_into() {
 main() {
     PY=$(host_python) || die "need a Python with pip on the host (set PYTHON=...)"
     mkdir -p "$OUT"
+    rm -rf "$OUT"/.download.*  # left by an interrupted run
     local started=$SECONDS
 
     # Build from a copy: building in the checkout would leave build/ and *.egg-info behind.

@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from tests.conftest import CollectorProcess, read_jsonl
+from tests.wandb_reader import offline_runs, read_run
 from tests.test_integration import REPO
 
 COLLECT_ARGS = ("--silence-timeout", "5", "--status-interval", "1")
@@ -97,15 +98,16 @@ class TestCollectorCrash:
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
         endpoint, out = free_endpoint(), tmp_path / "out"
-        args = ("--world-size", "4", "--exit-when-done", "--logger-type", "async,tensorboard",
-                "--run-name", "crash", *COLLECT_ARGS)
-        c = collector(*args, bind=endpoint, output_dir=out)
+        args = ("--world-size", "4", "--exit-when-done", "--logger-type",
+                "async,tensorboard,wandb", "--run-name", "crash", *COLLECT_ARGS)
+        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        c = collector(*args, bind=endpoint, output_dir=out, env=env)
         ranks = start_ranks(endpoint, 4, 4000, "--rate", "1000", "--close-timeout", "60")
         for pause in (1.2, 1.2):
             time.sleep(pause)
             c.terminate(signal.SIGKILL)
             c.wait(10)
-            c = collector(*args, bind=endpoint, output_dir=out)
+            c = collector(*args, bind=endpoint, output_dir=out, env=env)
         stats = finish(ranks)
         assert c.wait(timeout=60) == 0, c.log()
         assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
@@ -113,6 +115,10 @@ class TestCollectorCrash:
         assert_exactly_once(out, 4, 4000)
         tensorboard_steps = tensorboard_loss_steps(out / "crash")
         assert sorted(tensorboard_steps) == list(range(4000))  # rank 0's, each step once
+        segments = [read_run(path) for path in offline_runs(out)]
+        assert len({run.run_id for run in segments}) == 1  # one run, resumed after each crash
+        wandb_steps = [row["_step"] for run in segments for row in run.history]
+        assert sorted(wandb_steps) == list(range(4000))
 
 
 class TestLateCollector:

@@ -72,6 +72,31 @@ def started() -> Iterator[list[CollectorProcess]]:
             c.proc.wait(10)
 
 
+@pytest.fixture
+def mute_server() -> Iterator[int]:
+    """A port where a server accepts connections and never answers (a hung W&B)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)  # closing does not wake a blocked accept(): poll a stop flag
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    done.set()
+    thread.join(5)
+    server.close()
+    for conn in held:
+        conn.close()
+
+
 def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
     """Poll ``check`` until it returns something truthy (while the collector keeps running)."""
     deadline = time.monotonic() + timeout
@@ -142,7 +167,7 @@ class TestHungBackend:
         assert eventually(lambda: len(tb_scalars(out)["tb"]["loss"]) == 100)
 
         code, took = stop_within(c, DRAIN)
-        assert took < DRAIN + 3, f"shutdown took {took:.1f}s"
+        assert took < DRAIN + 5, f"shutdown took {took:.1f}s"  # the bound, plus process exit
         assert code == 1  # not a clean drain, and it says which backend
         log = c.log()
         assert "backend hang did not drain within the drain bound; abandoning it" in log
@@ -150,14 +175,8 @@ class TestHungBackend:
         assert jsonl_steps(out / "training_params_and_metrics_global0.jsonl") == [*range(100)]
 
     def test_wandb_init_that_never_answers(
-        self, tmp_path: Path, started: list[CollectorProcess]
+        self, tmp_path: Path, started: list[CollectorProcess], mute_server: int
     ) -> None:
-        # A W&B server that accepts connections and never replies: wandb.init hangs.
-        server = socket.create_server(("127.0.0.1", 0))
-        held: list[socket.socket] = []
-        threading.Thread(
-            target=lambda: [held.append(server.accept()[0]) for _ in iter(int, 1)], daemon=True
-        ).start()
         c = start_in(
             tmp_path,
             "--output-dir",
@@ -171,23 +190,20 @@ class TestHungBackend:
             env={
                 "WANDB_MODE": "online",
                 "WANDB_API_KEY": "k" * 40,
-                "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
+                "WANDB_BASE_URL": f"http://127.0.0.1:{mute_server}",
                 "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
                 "HOME": str(tmp_path),
             },
         )
         started.append(c)
-        try:
-            wait_ranks(*(start_rank(c.endpoint, r, 2, 50) for r in (0, 1)))
-            out = tmp_path / "out"
-            assert eventually(lambda: len(tb_scalars(out)["demo"]["loss"]) == 50)
-            assert eventually(
-                lambda: len(read_jsonl(out / "training_params_and_metrics_global1.jsonl")) == 50
-            )
-            code, took = stop_within(c, DRAIN)
-        finally:
-            server.close()
-        assert took < DRAIN + 3, f"shutdown took {took:.1f}s"
+        wait_ranks(*(start_rank(c.endpoint, r, 2, 50) for r in (0, 1)))
+        out = tmp_path / "out"
+        assert eventually(lambda: len(tb_scalars(out)["demo"]["loss"]) == 50)
+        assert eventually(
+            lambda: len(read_jsonl(out / "training_params_and_metrics_global1.jsonl")) == 50
+        )
+        code, took = stop_within(c, DRAIN)
+        assert took < DRAIN + 5, f"shutdown took {took:.1f}s"  # the bound, plus process exit
         assert code == 1
         assert "backend wandb did not drain within the drain bound; abandoning it" in c.log()
 
@@ -203,7 +219,7 @@ def _run_with_config(config: Path, tmp_path: Path, started: list[CollectorProces
         "--world-size",
         "2",
         "--policy-timeout",
-        "5",
+        "60",  # only bounds the wait for a missing rank: a slow machine must not make it partial
         env={"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")},
     )
     started.append(c)
@@ -228,8 +244,9 @@ class TestCollectorConfigs:
             log_dir = tmp_path / str(handler.get("log_dir", "."))
             rank0_only = "is_rank0" in handler.get("filters", [])
             if factory == "ranklog.AsyncStructuredHandler":
-                files = sorted(log_dir.glob("*.jsonl"))
-                assert len(files) == (1 if rank0_only or "run_name" in handler else 2), name
+                pattern = f"{handler.get('run_name', 'training_params_and_metrics_global*')}.jsonl"
+                files = sorted(log_dir.glob(pattern))
+                assert len(files) == (1 if rank0_only else 2), name
                 for path in files:
                     assert jsonl_steps(path) == [*range(20)], path
             elif factory == "ranklog.TensorBoardHandler":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 
 from ranklog import FormatDictFilter, propagate_package_logs, setup_root_logger
 from tests.conftest import read_jsonl
+from tests.test_delivery import tensorboard_loss_steps
+from tests.wandb_reader import offline_runs, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -53,8 +56,11 @@ class TestEmbeddedCollector:
                 "--steps",
                 "40",
                 "--logger_type",
-                "async",
+                "async,tensorboard,wandb",
+                "--run_name",
+                "demo",
             ],
+            env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -71,3 +77,7 @@ class TestEmbeddedCollector:
             assert all(isinstance(r["loss"], float) for r in rows if "step" in r)
         log = (out / "ranklog-collector.log").read_text()
         assert "every rank finished" in log and "collector stopped: 82 records" in log
+        assert f"tensorboard --logdir {out}" in proc.stdout
+        assert sorted(tensorboard_loss_steps(out / "demo")) == list(range(40))
+        (run,) = [read_run(path) for path in offline_runs(out)]
+        assert run.name == "demo" and len(run.history) == 40 and run.config["lr"] == 0.05

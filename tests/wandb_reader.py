@@ -1,59 +1,14 @@
-"""Read a W&B run back from its ``.wandb`` transaction log, as ``wandb sync`` would.
-
-The file is LevelDB-log framed: a 7-byte header (``:W&B``, magic ``0xBEE1``, version),
-then 32 KiB blocks of chunks, each ``crc32 (4, little-endian) | length (2) | type (1) |
-data``, where the CRC is zlib's CRC-32 of the type byte and the data, and a record is one
-FULL chunk or FIRST, MIDDLE..., LAST. Each record is a ``wandb_internal_pb2.Record``.
-wandb no longer ships a Python reader, so the tests carry this small one.
-"""
+"""Read a W&B offline run back from disk, as ``wandb sync`` would: its name, config and
+history rows, from the ``.wandb`` transaction log (decoded by ``ranklog._wandb_log``)."""
 
 from __future__ import annotations
 
 import json
-import struct
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandb.proto import wandb_internal_pb2
-
-_HEADER = struct.Struct("<4sHB")
-_CHUNK = struct.Struct("<IHB")
-_IDENT, _MAGIC = b":W&B", 0xBEE1
-_BLOCK = 32 * 1024
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def records(path: Path) -> Iterator[Any]:
-    """Every ``Record`` in a ``.wandb`` file, in order; raise on a bad header or CRC."""
-    data = path.read_bytes()
-    ident, magic, _version = _HEADER.unpack_from(data)
-    if ident != _IDENT or magic != _MAGIC:
-        raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
-    pos, pending = _HEADER.size, b""
-    while pos + _CHUNK.size <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _CHUNK.size:  # the writer pads a block tail too short for a chunk
-            pos += left_in_block
-            continue
-        crc, length, kind = _CHUNK.unpack_from(data, pos)
-        chunk = data[pos + _CHUNK.size : pos + _CHUNK.size + length]
-        pos += _CHUNK.size + length
-        if kind == 0 and length == 0:
-            continue
-        if zlib.crc32(bytes([kind]) + chunk) != crc:
-            raise ValueError(f"{path}: CRC mismatch at byte {pos - length - _CHUNK.size}")
-        if kind == _FULL:
-            yield wandb_internal_pb2.Record.FromString(chunk)
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield wandb_internal_pb2.Record.FromString(pending + chunk)
-            pending = b""
+from ranklog._wandb_log import records
 
 
 def _key(item: Any) -> str:

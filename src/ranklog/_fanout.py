@@ -85,14 +85,19 @@ class QueuedHandler(logging.Handler):
         """Resume from this backend's checkpoint (or from the journal's start)."""
         self._journal = journal
         self._checkpoint_path = state_dir / f"backend-{self.name}.json"
-        saved: dict[str, Any] = {"offset": 0, "files": {}}
+        saved: dict[str, Any] = {"offset": 0}
         if self._checkpoint_path.exists():
             saved = json.loads(self._checkpoint_path.read_text())
-        if from_start:  # rebuild: the same files, emptied
-            saved = {"offset": 0, "files": dict.fromkeys(saved["files"], 0)}
-        restore = getattr(self.inner, "restore_files", None)
+        restore = getattr(self.inner, "restore", None)
         if restore is not None:
-            restore(saved["files"], truncate_others=from_start)
+            # A backend that writes asynchronously may know better how far it really got.
+            earlier = restore(saved.get("backend"), from_start=from_start)
+            if earlier is not None:
+                saved["offset"] = min(int(saved["offset"]), earlier)
+        if self.policy is not None and not from_start:
+            self.policy.restore(saved.get("policy"))
+        if from_start:
+            saved = {"offset": 0}
         if hasattr(self.inner, "rewind_to") and hasattr(self.inner, "raise_os_errors"):
             self.inner.raise_os_errors = True  # write errors come back here, see _rewind
         self._last_checkpoint = saved
@@ -229,7 +234,7 @@ class QueuedHandler(logging.Handler):
             )
         self._write_error = reason
         with contextlib.suppress(OSError):  # if it fails, it is cut back on the next attempt
-            self.inner.rewind_to(saved["files"])  # type: ignore[attr-defined]
+            self.inner.rewind_to(saved.get("backend"))  # type: ignore[attr-defined]
         with self._lag_lock:
             self._lag_to = max(self._lag_to, self._enqueued_end, self._handled_offset)
             self._lag_from = int(saved["offset"])
@@ -255,11 +260,16 @@ class QueuedHandler(logging.Handler):
             return
         self._next_checkpoint = time.monotonic() + self.checkpoint_interval
         try:
-            files = getattr(self.inner, "checkpoint_files", None)
-            sizes = files() if files is not None else {}
-            if files is None:
+            checkpoint = getattr(self.inner, "checkpoint", None)
+            if checkpoint is None:
                 self.inner.flush()
-            state = {"offset": self._handled_offset, "files": sizes}
+            held = self.policy.held_from() if self.policy is not None else None
+            state = {
+                # Records a policy still holds were not written: resume before the oldest.
+                "offset": self._handled_offset if held is None else held - 1,
+                "backend": checkpoint() if checkpoint is not None else None,
+                "policy": self.policy.checkpoint() if self.policy is not None else None,
+            }
             if state == self._last_checkpoint:
                 return
             tmp = self._checkpoint_path.with_suffix(".tmp")

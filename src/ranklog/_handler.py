@@ -110,6 +110,8 @@ class ZMQSocketHandler(logging.Handler):
         self.identity = RankIdentity(
             **{**vars(self.identity), "pid": os.getpid(), "incarnation": new_incarnation()}
         )
+        if self._sender is not None:
+            self._sender.forget_wake_pipe()
         self._start_lock = threading.Lock()
         self._fresh_state()
         self.createLock()
@@ -123,12 +125,15 @@ class ZMQSocketHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if self._sender is None:
+            sender = self._sender
+            if sender is None:
                 if self._closed:
                     return
-                self._ensure_sender()
+                sender = self._ensure_sender()
             seq = next(self._seq)
             self.outbox.put(seq, self._encoder.record(seq, record))
+            if sender.asleep:
+                sender.wake()
         except Exception:
             self.handleError(record)
 
@@ -171,6 +176,7 @@ class ZMQSocketHandler(logging.Handler):
             )
             self.outbox.put(seq, goodbye)
             sender.closing.set()
+            sender.wake()
             sender.join(self.close_budget + 2.0)
             self._report_losses()
         self._closed = True
@@ -224,6 +230,14 @@ class _Sender(threading.Thread):
         # Control envelopes are packed here, on this thread, with an encoder of its own.
         self._encoder = RecordEncoder(handler.identity)
         self._incarnation = handler.identity.incarnation
+        # With nothing to send and nothing awaiting an ack the sender sleeps until its next
+        # heartbeat; ``asleep`` tells emit() to wake it through this pipe. A sender that polled
+        # instead would take the GIL from the training thread hundreds of times a second.
+        self.asleep = False
+        self._wake_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def run(self) -> None:
         context = zmq.Context()
@@ -243,40 +257,100 @@ class _Sender(threading.Thread):
         finally:
             sock.close(linger=0)
             context.term()
+            with self._wake_lock:
+                self.asleep = False
+                self.forget_wake_pipe()
+
+    def wake(self) -> None:
+        """Wake the sender from an idle sleep (the caller just put something in the outbox)."""
+        with self._wake_lock:
+            if self.asleep and self._wake_w >= 0:
+                self.asleep = False
+                try:
+                    os.write(self._wake_w, b"\0")
+                except OSError:
+                    pass  # the pipe is full: a wake-up is already on its way
+
+    def forget_wake_pipe(self) -> None:
+        """Close the wake-up pipe (also in a forked child, where this thread does not exist)."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
 
     def _loop(self, sock: zmq.Socket[Any]) -> None:
         settings = self.handler.settings
         poll_ms = max(1, int(settings.poll_interval * 1000))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        beat = settings.heartbeat_interval
+        wait_ms = poll_ms
         greeted = False
-        last_beat = 0.0
+        last_beat = spoke = 0.0  # spoke: when the collector last heard from this rank
+        told = (0, 0)  # the counters the last heartbeat carried
         deadline: float | None = None
         while True:
-            if sock.poll(poll_ms, zmq.POLLIN):
+            ready = dict(poller.poll(wait_ms))
+            self.asleep = False
+            if sock in ready:
                 self._read_acks(sock)
+            if self._wake_r in ready:
+                self._drain_wake_pipe()
             now = time.monotonic()
-            if not greeted or now - last_beat >= settings.heartbeat_interval:
+            # Records say "alive" as well as a heartbeat does: a heartbeat goes out after a
+            # second of silence, or a second after the last one if its counters changed.
+            counters = (self.outbox.dropped, self.handler._encoder.converted)
+            if (
+                not greeted
+                or now - spoke >= beat
+                or (counters != told and now - last_beat >= beat)
+            ):
                 if self._send_control(sock, HEARTBEAT if greeted else HELLO):
                     greeted = True
-                    last_beat = now
+                    last_beat = spoke = now
+                    told = counters
             self.outbox.requeue(stale_after=settings.ack_timeout)
-            self._send_batches(sock)
+            if self._send_batches(sock):
+                spoke = now
             if self.closing.is_set():
                 if deadline is None:
                     deadline = now + self.handler.close_budget
                 if self.outbox.pending() == 0 or now >= deadline:
                     return
+            wait_ms = poll_ms
+            if greeted and not self.outbox.in_flight():
+                # Say so first, then look: a record put after the look finds asleep set.
+                self.asleep = True
+                if self.outbox.has_unsent() or self.closing.is_set():
+                    self.asleep = False
+                else:
+                    next_beat = spoke + beat - time.monotonic()
+                    wait_ms = max(poll_ms, int(next_beat * 1000) + 1)
 
-    def _send_batches(self, sock: zmq.Socket[Any]) -> None:
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass  # empty (BlockingIOError)
+
+    def _send_batches(self, sock: zmq.Socket[Any]) -> bool:
+        """Send what the outbox holds, within the in-flight window; True if anything went."""
         settings = self.handler.settings
         send = sock.send
         more = zmq.NOBLOCK | zmq.SNDMORE
+        sent = False
         while self.outbox.has_unsent():
             room = settings.max_in_flight - self.outbox.in_flight()
             if room <= 0:
-                return
+                break
             batch = self.outbox.take(min(room, settings.batch_records), settings.batch_bytes)
             if not batch:
-                return  # the next record waits for its CUDA values to reach the host
+                break  # the next record waits for its CUDA values to reach the host
             # One multipart message per batch. A loop over send() holds the GIL about half as
             # long as send_multipart(), which first type-checks every part in Python.
             last = len(batch) - 1
@@ -286,7 +360,9 @@ class _Sender(threading.Thread):
                 send(batch[last][1], zmq.NOBLOCK)
             except zmq.Again:
                 self.outbox.unsend(batch)
-                return
+                break
+            sent = True
+        return sent
 
     def _send_control(self, sock: zmq.Socket[Any], kind: str) -> bool:
         frame = self._encoder.control(

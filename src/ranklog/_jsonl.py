@@ -200,27 +200,28 @@ class AsyncStructuredHandler(logging.Handler):
             self.on_new_file()
         return out
 
-    def checkpoint_files(self) -> dict[str, int]:
-        """Write out the buffers and return each file's size: what a restart may cut back to."""
+    def checkpoint(self) -> dict[str, Any]:
+        """Write out the buffers; return each file's size: what a restart may cut back to."""
         with self.lock:  # type: ignore[union-attr]
             for out in self._files.values():
                 out.flush()
-            return {str(path): out.size for path, out in self._files.items()}
+            return {"files": {str(path): out.size for path, out in self._files.items()}}
 
-    def restore_files(self, sizes: dict[str, int], *, truncate_others: bool = False) -> None:
-        """Before writing, cut these files back to ``sizes`` (and, with ``truncate_others``,
-        empty any other file this handler opens): the collector then replays the rest."""
-        self._restore = dict(sizes)
-        self._truncate_others = truncate_others
+    def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> None:
+        """Before writing, cut the checkpointed files back to their sizes (``from_start``:
+        empty them, and any other file this handler opens); the collector replays the rest."""
+        sizes: dict[str, int] = (state or {}).get("files", {})
+        self._restore = dict.fromkeys(sizes, 0) if from_start else dict(sizes)
+        self._truncate_others = from_start
 
-    def rewind_to(self, sizes: dict[str, int]) -> None:
-        """Drop unwritten buffers and cut every file back to ``sizes`` (files opened since,
-        back to their size at opening): the state of a checkpoint, to replay from."""
+    def rewind_to(self, state: dict[str, Any] | None) -> None:
+        """Drop unwritten buffers and cut every file back to a checkpoint (files opened since,
+        back to their size at opening), to replay from there."""
         with self.lock:  # type: ignore[union-attr]
             for out in self._files.values():
                 out.discard()
             self._files.clear()
-            self._restore = {**self._opened_at, **sizes}
+            self._restore = {**self._opened_at, **(state or {}).get("files", {})}
             self._truncate_others = False
 
     def _flush_periodically(self, interval: float) -> None:

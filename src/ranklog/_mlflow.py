@@ -21,10 +21,11 @@ class MLflowHandler(logging.Handler):
 
     Keys are flattened with ``.`` as InstructLab does; only numeric values become metrics.
     ``tracking_uri`` and ``experiment_name`` default to ``MLFLOW_TRACKING_URI`` and
-    ``MLFLOW_EXPERIMENT_NAME``; with no tracking URI at all the run is written under
-    ``log_dir/mlruns``. ``mlflow_init_kwargs`` go to ``create_run`` (``tags``,
-    ``start_time``). The run starts at the first record and ends on close. A failure to
-    start is reported once; the collector's other backends go on.
+    ``MLFLOW_EXPERIMENT_NAME``; with no tracking URI at all the run goes to MLflow's default
+    SQLite store, as ``log_dir/mlflow.db`` (that needs the full ``mlflow`` package; with
+    ``mlflow-skinny`` point ``tracking_uri`` at a server). ``mlflow_init_kwargs`` go to
+    ``create_run`` (``tags``, ``start_time``). The run starts at the first record and ends
+    on close. A failure to start is reported once; the collector's other backends go on.
 
     >>> handler = MLflowHandler(tracking_uri="http://localhost:5000")  # doctest: +SKIP
     """
@@ -59,7 +60,11 @@ class MLflowHandler(logging.Handler):
         try:
             from mlflow.tracking import MlflowClient
 
-            uri = self.tracking_uri or (self.log_dir.resolve() / "mlruns").as_uri()
+            # MLflow's own default (an SQLite file), placed under log_dir rather than in
+            # whatever directory the collector happens to run in.
+            uri = self.tracking_uri or f"sqlite:///{self.log_dir.resolve() / 'mlflow.db'}"
+            if not self.tracking_uri:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(tracking_uri=uri)
             experiment_id = "0"
             if self.experiment_name:

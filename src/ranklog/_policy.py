@@ -37,6 +37,7 @@ from typing import Any
 from ranklog._errors import ConfigError
 from ranklog._filters import IsRank0Filter
 from ranklog._flatten import flatten_dict
+from ranklog._records import OFFSET_ATTR
 
 _log = logging.getLogger("ranklog.collector")
 
@@ -128,6 +129,17 @@ class RankPolicy:
         """Everything still held, for shutdown."""
         return []
 
+    def held_from(self) -> int | None:
+        """Journal offset of the oldest record held back (not yet handed on), if any."""
+        return None
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """What a restarted policy needs to not hand on again what it already did."""
+        return None
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Take back a :meth:`checkpoint` before the journal is replayed."""
+
     def _admit(self, record: logging.LogRecord) -> bool:
         return True
 
@@ -207,6 +219,7 @@ class _Step:
 
     step: int
     order: int
+    offset: int = field(compare=False)
     logger: str = field(compare=False)
     deadline: float = field(compare=False)
     first: logging.LogRecord = field(compare=False)
@@ -240,6 +253,7 @@ class ReducePolicy(RankPolicy):
         self._open: dict[tuple[str, int], list[_Step]] = {}
         self._order = itertools.count()
         self._emitted_step: int | None = None
+        self._restored_through: int | None = None
         self.partial = 0
         self.late = 0
 
@@ -248,6 +262,8 @@ class ReducePolicy(RankPolicy):
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if _rank(record) == 0 else []
         self.world_size = max(self.world_size, int(getattr(record, "world_size", None) or 1))
+        if self._restored_through is not None and step <= self._restored_through:
+            return []  # replayed after a restart; emitted before it
         if self._emitted_step is not None and step < self._emitted_step:
             self._count_late(step)
             return self.due(now)
@@ -257,7 +273,8 @@ class ReducePolicy(RankPolicy):
         groups = self._open.setdefault((record.name, step), [])
         group = next((g for g in groups if rank not in g.ranks), None)
         if group is None:
-            group = _Step(step, next(self._order), record.name, now + self.timeout, record)
+            offset = getattr(record, OFFSET_ATTR, 0)
+            group = _Step(step, next(self._order), offset, record.name, now + self.timeout, record)
             groups.append(group)
             heapq.heappush(self._heap, group)
         group.ranks.add(rank)
@@ -277,6 +294,15 @@ class ReducePolicy(RankPolicy):
 
     def next_deadline(self) -> float | None:
         return self._heap[0].deadline if self._heap else None
+
+    def held_from(self) -> int | None:
+        return min((group.offset for group in self._heap), default=None)
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        return {"emitted_step": self._emitted_step}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        self._restored_through = (state or {}).get("emitted_step")
 
     def drain(self) -> list[logging.LogRecord]:
         out = [self._emit(heapq.heappop(self._heap), "at shutdown") for _ in range(len(self._heap))]

@@ -160,23 +160,23 @@ class TensorBoardHandler(logging.Handler):
             self._warned.add(key)
             _log.warning(message, *args)
 
-    def checkpoint_files(self) -> dict[str, int]:
-        """Flush, and return the event file's size: what a restart may cut it back to."""
+    def checkpoint(self) -> dict[str, Any]:
+        """Flush; return the event file's size: what a restart may cut it back to."""
         if self._writer is None:
-            return {}
+            return {"files": {}}
         self._writer.flush()
         # EventFileWriter keeps its file's name private; each process writes a file of its own.
         path = str(self._writer._file_name)
-        return {path: os.path.getsize(path)}
+        return {"files": {path: os.path.getsize(path)}}
 
-    def restore_files(self, sizes: dict[str, int], *, truncate_others: bool = False) -> None:
+    def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> None:
         """Cut event files written before a crash back to their checkpointed sizes (whole
-        events) and keep writing the same run; with ``truncate_others``, start it empty."""
-        for path, size in sizes.items():
+        events) and keep writing the same run; ``from_start``: start that run empty."""
+        for path, size in (state or {}).get("files", {}).items():
             if os.path.exists(path) and os.path.getsize(path) > size:
-                os.truncate(path, size)
+                os.truncate(path, 0 if from_start else size)
             self._resume_dir = Path(path).parent
-        self._start_empty = truncate_others
+        self._start_empty = from_start
 
     def flush(self) -> None:
         """Write buffered events to the event file now."""

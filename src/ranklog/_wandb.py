@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklog._flatten import flatten_dict
+from ranklog._records import OFFSET_ATTR
 from ranklog._run_name import substitute_placeholders
 
 _log = logging.getLogger("ranklog.collector")
@@ -58,6 +59,14 @@ class WandbHandler(logging.Handler):
         self._run: Any = None
         self._last_step: int | None = None
         self._started = datetime.now()
+        # After a collector restart: the run to resume and the last step it already holds.
+        self._resume_id: str | None = None
+        self._written_through: int | None = None
+        self.already_written = 0
+        # (step, journal offset) of the last row handed to W&B, at each checkpoint: W&B
+        # writes asynchronously, so a restart resumes from the newest mark its log covers.
+        self._last_offset: int | None = None
+        self._marks: list[tuple[int, int]] = []
 
     @property
     def run(self) -> Any:
@@ -77,6 +86,8 @@ class WandbHandler(logging.Handler):
                 now=self._started,
             )
         kwargs.setdefault("config", {})
+        if self._resume_id is not None:
+            kwargs.update(id=self._resume_id, resume="allow")
         if "settings" not in kwargs and "WANDB_CONSOLE" not in os.environ:
             # In the collector the console is the collector's own status lines, not the
             # training's output: nothing worth a W&B log tab.
@@ -116,6 +127,9 @@ class WandbHandler(logging.Handler):
             if step is None:
                 self._run.log(flat)
                 return
+            if self._written_through is not None and step <= self._written_through:
+                self.already_written += 1  # replayed after a restart; the run has it
+                return
             if self._last_step is not None and step < self._last_step:
                 self.out_of_order += 1
                 if self.out_of_order == 1:
@@ -128,8 +142,39 @@ class WandbHandler(logging.Handler):
                 return
             self._last_step = step
             self._run.log(flat, step=step)
+            self._last_offset = getattr(record, OFFSET_ATTR, None)
         except Exception:
             self.handleError(record)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The run to resume after a crash, and its transaction log to learn how far it got."""
+        if self._run is None:
+            return {}
+        if self._last_step is not None and self._last_offset is not None:
+            mark = (self._last_step, self._last_offset)
+            if not self._marks or self._marks[-1] != mark:
+                self._marks = [*self._marks[-255:], mark]
+        sync_file = os.path.abspath(self._run.settings.sync_file)
+        return {"run_id": self._run.id, "sync_file": sync_file, "marks": self._marks}
+
+    def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> int | None:
+        """Resume the crashed run: the same run id (W&B merges its segments when synced), and
+        no step again that its logs on disk already hold. Returns the journal offset to
+        replay from: the newest checkpoint mark whose rows are all in those logs."""
+        if from_start or not state or "run_id" not in state:
+            return None
+        from ranklog._wandb_log import last_step
+
+        run_id = state["run_id"]
+        logs = Path(state["sync_file"]).parent.parent.glob(f"*{run_id}*/run-{run_id}.wandb")
+        steps = [step for step in map(last_step, logs) if step is not None]
+        self._resume_id = run_id
+        self._written_through = max(steps, default=None)
+        self._marks = [(int(step), int(offset)) for step, offset in state.get("marks", [])]
+        through = self._written_through
+        safe = [offset for step, offset in self._marks if through is not None and step <= through]
+        _log.info("backend wandb: resuming run %s after step %s", run_id, through)
+        return max(safe, default=0)
 
     def close(self) -> None:
         """Finish the run (uploading it, unless offline) and report what was dropped."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.compose.conftest import TIMINGS, ComposeRun, run
+from tests.compose.compose_project import TIMINGS, ComposeRun, run
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 

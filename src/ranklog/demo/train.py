@@ -81,7 +81,7 @@ def _train(args: argparse.Namespace, rank: int, world_size: int) -> None:
 
 def _show_output(output_dir: Path, loggers: str) -> None:
     print(f"\nranklog demo finished; output in {output_dir.resolve()}")
-    for path in sorted(output_dir.glob("*.jsonl")):
+    for path in sorted(output_dir.glob("training_params_and_metrics_global*.jsonl")):
         lines = path.read_text().splitlines()
         print(f"  {path.name}: {len(lines)} lines, e.g.")
         for line in lines[1:3]:

@@ -1,0 +1,71 @@
+"""Reading a W&B ``.wandb`` transaction log: LevelDB-log framed protobuf ``Record``s.
+
+The file starts with a 7-byte header (``:W&B``, magic ``0xBEE1``, version), then 32 KiB
+blocks of chunks, each ``crc32 (4, little-endian) | length (2) | type (1) | data``, the CRC
+being zlib's CRC-32 of the type byte and the data; a record is one FULL chunk or FIRST,
+MIDDLE..., LAST. wandb no longer ships a Python reader. The collector uses this to learn how
+far an offline run got before a crash; the tests use it to read runs back.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_HEADER = struct.Struct("<4sHB")
+_CHUNK = struct.Struct("<IHB")
+_IDENT, _MAGIC = b":W&B", 0xBEE1
+_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def records(path: Path, *, strict: bool = True) -> Iterator[Any]:
+    """Every ``Record`` in a ``.wandb`` file, in order. A bad header or CRC raises; with
+    ``strict=False`` a torn or corrupt tail (a crash mid-write) just ends the log."""
+    from wandb.proto import wandb_internal_pb2  # the collector side: wandb is installed
+
+    data = path.read_bytes()
+    ident, magic, _version = _HEADER.unpack_from(data)
+    if ident != _IDENT or magic != _MAGIC:
+        raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
+    pos, pending = _HEADER.size, b""
+    while pos + _CHUNK.size <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _CHUNK.size:  # the writer pads a block tail too short for a chunk
+            pos += left_in_block
+            continue
+        crc, length, kind = _CHUNK.unpack_from(data, pos)
+        chunk = data[pos + _CHUNK.size : pos + _CHUNK.size + length]
+        pos += _CHUNK.size + length
+        if kind == 0 and length == 0:
+            continue
+        if zlib.crc32(bytes([kind]) + chunk) != crc or len(chunk) < length:
+            if not strict:
+                return
+            raise ValueError(f"{path}: CRC mismatch at byte {pos - length - _CHUNK.size}")
+        if kind == _FULL:
+            yield wandb_internal_pb2.Record.FromString(chunk)  # type: ignore[attr-defined]
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield wandb_internal_pb2.Record.FromString(pending + chunk)  # type: ignore[attr-defined]
+            pending = b""
+
+
+def last_step(path: Path) -> int | None:
+    """The highest ``_step`` among the history rows an offline run wrote (None if none)."""
+    import json
+
+    steps = [
+        json.loads(item.value_json)
+        for record in records(path, strict=False)
+        if record.WhichOneof("record_type") == "history"
+        for item in record.history.item
+        if item.key == "_step"
+    ]
+    return max(steps, default=None)
