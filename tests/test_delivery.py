@@ -17,8 +17,8 @@ import pytest
 import zmq
 
 from tests.conftest import CollectorProcess, read_jsonl
-from tests.wandb_reader import offline_runs, read_run
 from tests.test_integration import REPO
+from tests.wandb_reader import offline_runs, read_run
 
 COLLECT_ARGS = ("--silence-timeout", "5", "--status-interval", "1")
 
@@ -98,8 +98,16 @@ class TestCollectorCrash:
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
         endpoint, out = free_endpoint(), tmp_path / "out"
-        args = ("--world-size", "4", "--exit-when-done", "--logger-type",
-                "async,tensorboard,wandb", "--run-name", "crash", *COLLECT_ARGS)
+        args = (
+            "--world-size",
+            "4",
+            "--exit-when-done",
+            "--logger-type",
+            "async,tensorboard,wandb",
+            "--run-name",
+            "crash",
+            *COLLECT_ARGS,
+        )
         env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
         c = collector(*args, bind=endpoint, output_dir=out, env=env)
         ranks = start_ranks(endpoint, 4, 4000, "--rate", "1000", "--close-timeout", "60")
