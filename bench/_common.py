@@ -11,8 +11,10 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 READY = re.compile(r"listening on (\S+)")
+RANK_SCRIPT = str(BENCH_DIR / "_rank.py")
+JSONL_FILES = "training_params_and_metrics_global*.jsonl"  # the JSONL backend's, one per rank
 
 # The record every benchmark logs: 16 scalar metrics, as a training loop would.
 METRIC_KEYS = (
@@ -94,6 +98,62 @@ def start_collector(
     raise RuntimeError(f"collector never became ready:\n{log_path.read_text()}")
 
 
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def accepted(log: str) -> int | None:
+    """The record count of the collector's final \"collector stopped\" line."""
+    for line in reversed(log.splitlines()):
+        if "collector stopped:" in line:
+            return int(line.split("collector stopped:")[1].split()[0].replace(",", ""))
+    return None
+
+
+class Sampler(threading.Thread):
+    """Samples the collector's RSS and CPU time, and the JSONL lines written, every 0.1 s."""
+
+    def __init__(self, pid: int, output_dir: Path, count_lines: bool) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.output_dir = output_dir
+        self.count_lines = count_lines
+        self.samples: list[dict[str, float]] = []
+        self._offsets: dict[Path, int] = {}
+        self._lines = 0
+        self._done = threading.Event()
+
+    def lines(self) -> int:
+        """JSONL lines written so far (reads only what was appended since the last call)."""
+        for path in self.output_dir.glob(JSONL_FILES):
+            offset = self._offsets.get(path, 0)
+            with open(path, "rb") as data:
+                data.seek(offset)
+                chunk = data.read()
+            self._offsets[path] = offset + len(chunk)
+            self._lines += chunk.count(b"\n")
+        return self._lines
+
+    def run(self) -> None:
+        while not self._done.wait(0.1):
+            try:
+                status = proc_status(self.pid)
+            except (OSError, IndexError):
+                return  # the collector exited
+            sample = {"t": time.monotonic(), **status}
+            if self.count_lines:
+                sample["lines"] = self.lines()
+            self.samples.append(sample)
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join()
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an ascending sequence (``q`` in 0..100)."""
     if not sorted_values:
@@ -143,7 +203,7 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("ranklog", "pyzmq", "msgpack", "orjson", "torch", "tensorboard", "wandb"):
         try:
             versions[package] = metadata.version(package)

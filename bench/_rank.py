@@ -5,9 +5,10 @@
 
 Each listed rank gets its own handler (its own DEALER socket, sender thread and
 incarnation), as if it were its own process. With ``--wait-go`` the handlers connect first
-and logging starts when a line arrives on stdin, so that many processes start together. With ``--prefill`` every record is logged
-before the collector exists (the handlers hold them, unsent), the line ``filled`` is printed,
-and the records flow once the collector binds: the collector then sees more than it can take.
+and logging starts when a line arrives on stdin, so that many processes start together.
+With ``--prefill`` every record is logged before the collector exists (the handlers hold
+them, unsent), the line ``filled`` is printed, and the records flow once the collector
+binds: the collector then sees more than it can take.
 Otherwise ranks log at ``--rate`` records/s each (0: as fast as possible), round-robin.
 
 Ends with ``close()`` on every handler (waits for every acknowledgement) and prints one JSON
@@ -25,10 +26,8 @@ import sys
 import time
 from collections import deque
 
+import _common
 from ranklog import IsMappingFilter, ZMQSocketHandler
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import _common  # noqa: E402
 
 
 class AckLatency:
@@ -104,7 +103,7 @@ def main() -> int:
     cpu_started = os.times()
     interval = 1.0 / args.rate if args.rate else 0.0
     for step in range(args.records):
-        for logger, handler, probe in zip(loggers, handlers, probes, strict=True):
+        for logger, probe in zip(loggers, probes, strict=True):
             if args.latency:
                 probe.emitting(step + 1)  # a handler's seqs count its records from 1
             logger.info(_common.metrics(step), extra={"step": step})
@@ -121,8 +120,10 @@ def main() -> int:
     times = os.times()
     result = {
         "cpu_seconds": times.user + times.system,
-        "cpu_seconds_logging": cpu_logged.user + cpu_logged.system
-        - cpu_started.user - cpu_started.system,
+        "cpu_seconds_logging": cpu_logged.user
+        + cpu_logged.system
+        - cpu_started.user
+        - cpu_started.system,
         "emit_seconds": emitted_s,
         "ranks": [{"rank": r, **h.stats} for r, h in zip(args.ranks, handlers, strict=True)],
     }

@@ -161,9 +161,7 @@ class WandbHandler(logging.Handler):
         super().__init__()
         import wandb
 
-        self.run = wandb.init(
-            mode="offline", dir=str(log_dir), project="ranklog-bench", config={}
-        )
+        self.run = wandb.init(mode="offline", dir=str(log_dir), project="ranklog-bench", config={})
 
     def emit(self, record: logging.LogRecord) -> None:
         flat = flatten(record.msg)  # type: ignore[arg-type]

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,56 +37,7 @@ from typing import Any
 
 import _common
 
-RANK_SCRIPT = str(_common.BENCH_DIR / "_rank.py")
 LOG_TIME = "%Y-%m-%d %H:%M:%S,%f"
-JSONL_FILES = "training_params_and_metrics_global*.jsonl"  # the JSONL backend's, one per rank
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Sampler(threading.Thread):
-    """Samples the collector's RSS and CPU time, and the JSONL lines written, every 0.1 s."""
-
-    def __init__(self, pid: int, output_dir: Path, count_lines: bool) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.output_dir = output_dir
-        self.count_lines = count_lines
-        self.samples: list[dict[str, float]] = []
-        self._offsets: dict[Path, int] = {}
-        self._lines = 0
-        self._done = threading.Event()
-
-    def lines(self) -> int:
-        """JSONL lines written so far (reads only what was appended since the last call)."""
-        for path in self.output_dir.glob(JSONL_FILES):
-            offset = self._offsets.get(path, 0)
-            with open(path, "rb") as data:
-                data.seek(offset)
-                chunk = data.read()
-            self._offsets[path] = offset + len(chunk)
-            self._lines += chunk.count(b"\n")
-        return self._lines
-
-    def run(self) -> None:
-        while not self._done.wait(0.1):
-            try:
-                status = _common.proc_status(self.pid)
-            except (OSError, IndexError):
-                return  # the collector exited
-            sample = {"t": time.monotonic(), **status}
-            if self.count_lines:
-                sample["lines"] = self.lines()
-            self.samples.append(sample)
-
-    def finish(self) -> None:
-        self._done.set()
-        self.join()
 
 
 def _log_times(log: str) -> tuple[float | None, float | None]:
@@ -106,20 +55,14 @@ def _log_times(log: str) -> tuple[float | None, float | None]:
     return 0.0, (stopped - ready).total_seconds()
 
 
-def _accepted(log: str) -> int | None:
-    for line in reversed(log.splitlines()):
-        if "collector stopped:" in line:
-            return int(line.split("collector stopped:")[1].split()[0].replace(",", ""))
-    return None
-
-
 def _spawn_ranks(
     endpoint: str, ranks: int, records: int, rate: float, prefill: bool
 ) -> list[subprocess.Popen[str]]:
     procs = []
     for rank in range(ranks):
-        cmd = [sys.executable, RANK_SCRIPT, "--endpoint", endpoint, "--world-size", str(ranks),
-               "--ranks", str(rank), "--records", str(records), "--rate", str(rate)]  # fmt: skip
+        cmd = [sys.executable, _common.RANK_SCRIPT, "--endpoint", endpoint,
+               "--world-size", str(ranks), "--ranks", str(rank), "--records", str(records),
+               "--rate", str(rate)]  # fmt: skip
         if prefill:
             cmd.append("--prefill")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
@@ -127,7 +70,7 @@ def _spawn_ranks(
 
 
 def _rank_results(procs: list[subprocess.Popen[str]], timeout: float) -> list[dict[str, Any]]:
-    stats = []
+    stats: list[dict[str, Any]] = []
     for proc in procs:
         out, _ = proc.communicate(timeout=timeout)
         lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -146,7 +89,7 @@ def run_phase(
     profile: bool = False,
 ) -> dict[str, Any]:
     """One collector, ``ranks`` rank processes; returns the measurements."""
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{_common.free_port()}"
     output_dir = workdir / f"{logger_type.replace(',', '+')}-{'burst' if prefill else 'steady'}"
     procs = _spawn_ranks(endpoint, ranks, records, rate, prefill)
     if prefill:
@@ -157,7 +100,9 @@ def run_phase(
     try:
         collector = _common.start_collector(
             output_dir, "--logger-type", logger_type, "--world-size", str(ranks),
-            "--exit-when-done", "--status-interval", "5", bind=endpoint,
+            "--exit-when-done", "--status-interval", "5",
+            # Measure until every backend wrote everything, however long a slow one takes.
+            "--drain-timeout", "600", bind=endpoint,
         )  # fmt: skip
     except RuntimeError as exc:
         for proc in procs:
@@ -166,7 +111,7 @@ def run_phase(
         return {"skipped": str(exc).strip().splitlines()[-1]}
     spy = _profile(collector.pid, output_dir.name) if profile else None
     has_jsonl = "async" in logger_type.split(",")
-    sampler = Sampler(collector.pid, output_dir, has_jsonl)
+    sampler = _common.Sampler(collector.pid, output_dir, has_jsonl)
     sampler.start()
     started = time.monotonic()
     stats = _rank_results(procs, timeout=900)
@@ -183,7 +128,7 @@ def run_phase(
         "logger_type": logger_type,
         "mode": "burst" if prefill else f"steady {rate:g}/s per rank",
         "records": total,
-        "accepted": _accepted(log),
+        "accepted": _common.accepted(log),
         "jsonl_lines": lines,
         "lost": (total - lines) if lines is not None else None,
         "rank_dropped": sum(int(s.get("dropped", 0)) for s in stats),
@@ -195,6 +140,10 @@ def run_phase(
         "sustained_rps": _slope(sampler.samples, total) if has_jsonl else None,
         **_memory(sampler.samples),
     }
+    # A backend whose SDK is missing or broken is reported and switched off; the others go on.
+    result["backend_problems"] = [
+        line[24:] for line in log.splitlines() if " ERROR " in line or "WARNING backend" in line
+    ]
     if exit_code != 0 or result["accepted"] != total:
         result["collector_log_tail"] = log.splitlines()[-8:]
     return result
@@ -246,16 +195,24 @@ def _memory(samples: list[dict[str, float]]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--logger-type", nargs="+", default=["async"],
-                        help="backend sets to measure, each comma-separated (async,tensorboard)")
+    parser.add_argument(
+        "--logger-type",
+        nargs="+",
+        default=["async"],
+        help="backend sets to measure, each comma-separated (async,tensorboard)",
+    )
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--records", type=int, default=40_000, help="per rank, burst phase")
     parser.add_argument("--rate", type=float, default=1000.0, help="per rank, steady phase")
-    parser.add_argument("--steady-seconds", type=float, default=20.0,
-                        help="length of the steady phase (0: skip it)")
+    parser.add_argument(
+        "--steady-seconds", type=float, default=20.0, help="length of the steady phase (0: skip it)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the output directories")
-    parser.add_argument("--profile", action="store_true",
-                        help="record the collector with py-spy (all threads) into bench/results/")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the collector with py-spy (all threads) into bench/results/",
+    )
     args = parser.parse_args()  # fmt: skip
 
     workdir = Path(tempfile.mkdtemp(prefix="ranklog-bench-collector-"))
@@ -270,8 +227,14 @@ def main() -> int:
                 print(f"{logger_type}: {'burst' if phase['prefill'] else 'steady'} ...",
                       file=sys.stderr, flush=True)  # fmt: skip
                 result = run_phase(
-                    logger_type, workdir, ranks=args.ranks, profile=args.profile, **phase
-                )  # type: ignore[arg-type]
+                    logger_type,
+                    workdir,
+                    ranks=args.ranks,
+                    records=int(phase["records"]),
+                    rate=float(phase["rate"]),
+                    prefill=bool(phase["prefill"]),
+                    profile=args.profile,
+                )
                 result.setdefault("logger_type", logger_type)
                 results.append(result)
                 if "skipped" in result:
@@ -309,7 +272,7 @@ def report(results: list[dict[str, Any]], ranks: int) -> None:
 
 
 def _lost(r: dict[str, Any]) -> str:
-    problems = []
+    problems = ["backend problem (see JSON)"] if r.get("backend_problems") else []
     if r["lost"]:
         problems.append(f"{r['lost']} lines")
     if r["accepted"] != r["records"]:

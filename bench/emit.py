@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _common
-import baselines
 import zmq
 import zmq.log.handlers
 
+import _common
+import baselines
 from ranklog import ZMQSocketHandler
 
 WARMUP_CALLS = 200
@@ -55,8 +55,8 @@ class Case:
 
 
 def _wait_empty(handler: logging.Handler) -> None:
-    assert isinstance(handler, logging.handlers.QueueHandler)
-    while not handler.queue.empty():  # type: ignore[union-attr]
+    records = handler.queue  # type: ignore[attr-defined]
+    while not records.empty():
         time.sleep(0.001)
 
 
@@ -107,10 +107,20 @@ def build_cases(
             lambda: baselines.FloorHandler(f"tcp://127.0.0.1:{sinks['pull']}"),
             calls,
         ),
-        Case("ranklog", "ranklog ZMQSocketHandler -> collector", lambda: _ranklog(endpoint),
-             calls, settle=_flush),  # fmt: skip
-        Case("queue", "stdlib QueueHandler + QueueListener", _queue_handler, calls,
-             settle=_wait_empty),  # fmt: skip
+        Case(
+            "ranklog",
+            "ranklog ZMQSocketHandler -> collector",
+            lambda: _ranklog(endpoint),
+            calls,
+            settle=_flush,
+        ),
+        Case(
+            "queue",
+            "stdlib QueueHandler + QueueListener",
+            _queue_handler,
+            calls,
+            settle=_wait_empty,
+        ),
         Case(
             "socket",
             "stdlib SocketHandler (pickle, TCP)",
@@ -169,8 +179,12 @@ def run_calls(case: Case, count: int, record: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=20_000,
-                        help="timed calls per fast case (slow cases take fewer)")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=20_000,
+        help="timed calls per fast case (slow cases take fewer)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="turns each case takes")
     parser.add_argument("--only", default="", help="comma-separated case names")
     args = parser.parse_args()  # fmt: skip
@@ -227,7 +241,7 @@ def report(cases: list[Case], collector: _common.Collector, collector_exit: int)
     summary = {c.name: _common.summarize_ns(c.samples) for c in cases if c.skipped is None}
     floor = summary.get("floor", {}).get("median_us", float("nan"))
     ours = summary.get("ranklog", {}).get("median_us", float("nan"))
-    rows = []
+    rows: list[list[Any]] = []
     for case in cases:
         if case.skipped is not None:
             rows.append([case.label, "skipped", "", "", "", "", ""])
@@ -280,7 +294,7 @@ def _targets(summary: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
         return []
     ours = summary["ranklog"]
     median = ours["median_us"]
-    checks = [
+    checks: list[tuple[str, str, Callable[[dict[str, float]], float], float, str]] = [
         ("median <= 1.5x floor median", "floor", lambda o: median / o["median_us"], 1.5, "<="),
         ("median < stdlib QueueHandler median", "queue",
          lambda o: median / o["median_us"], 1.0, "<"),

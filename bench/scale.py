@@ -26,15 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import _common
-from collector import JSONL_FILES, Sampler, _accepted, _free_port
-
-RANK_SCRIPT = str(_common.BENCH_DIR / "_rank.py")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=1024)
-    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=4,
+        help="rank processes; more than the machine has cores adds GIL convoys",
+    )
     parser.add_argument("--rate", type=float, default=2.0, help="records/s per rank")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long ranks log")
     parser.add_argument("--keep", action="store_true", help="keep the output directory")
@@ -65,23 +67,40 @@ def run(
     seconds: float,
     profile: float = 0.0,
 ) -> dict[str, Any]:
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{_common.free_port()}"
     output_dir = workdir / "out"
     collector = _common.start_collector(
         output_dir, "--logger-type", "async", "--world-size", str(ranks), "--exit-when-done",
         "--status-interval", "5", bind=endpoint,
     )  # fmt: skip
-    sampler = Sampler(collector.pid, output_dir, count_lines=False)
+    sampler = _common.Sampler(collector.pid, output_dir, count_lines=False)
     sampler.start()
     groups = [list(range(ranks))[index::processes] for index in range(processes)]
     results = [workdir / f"rank-process-{index}.json" for index in range(len(groups))]
     procs = [
         subprocess.Popen(
-            [sys.executable, RANK_SCRIPT, "--endpoint", endpoint, "--world-size", str(ranks),
-             "--ranks", *map(str, group), "--records", str(records), "--rate", str(rate),
-             "--latency", "--wait-go", "--result", str(result)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                _common.RANK_SCRIPT,
+                "--endpoint",
+                endpoint,
+                "--world-size",
+                str(ranks),
+                "--ranks",
+                *map(str, group),
+                "--records",
+                str(records),
+                "--rate",
+                str(rate),
+                "--latency",
+                "--wait-go",
+                "--result",
+                str(result),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for group, result in zip(groups, results, strict=True)
     ]
     # Every process imported, connected and said hello before anyone logs: the latency is
@@ -118,7 +137,7 @@ def run(
     sampler.finish()
     log = collector.log()
     total = ranks * records
-    files = list(output_dir.glob(JSONL_FILES))
+    files = list(output_dir.glob(_common.JSONL_FILES))
     lines = sum(_count(path) for path in files)
     all_latencies = sorted(latency for _, latency in latencies)
     # After the first quarter of the run: each rank's first record also opens its JSONL file.
@@ -134,7 +153,7 @@ def run(
         "records_per_rank": records,
         "rate_per_rank": rate,
         "records": total,
-        "accepted": _accepted(log),
+        "accepted": _common.accepted(log),
         "jsonl_files": len(files),
         "jsonl_lines": lines,
         "lost": total - lines,
@@ -164,11 +183,24 @@ def _profile(collector_pid: int, rank_pid: int, seconds: float) -> list[subproce
     _common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     return [
         subprocess.Popen(
-            [spy, "record", "--pid", str(pid), "--threads", "--format", "raw", "--rate", "100",
-             "--duration", str(max(1, round(seconds))),
-             "--output", str(_common.RESULTS_DIR / f"scale-profile-{name}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--threads",
+                "--format",
+                "raw",
+                "--rate",
+                "100",
+                "--duration",
+                str(max(1, round(seconds))),
+                "--output",
+                str(_common.RESULTS_DIR / f"scale-profile-{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for name, pid in (("collector", collector_pid), ("rank-process", rank_pid))
     ]
 

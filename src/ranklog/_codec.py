@@ -132,8 +132,9 @@ def _integral(number: Any) -> int | None:
 
 def _map_body(fields: dict[str, Any]) -> bytes:
     """``fields`` packed as map entries, without the map header."""
-    header = msgpack.Packer().pack_map_header(len(fields))
-    return msgpack.packb(fields)[len(header) :]
+    header: bytes = msgpack.Packer().pack_map_header(len(fields))
+    packed: bytes = msgpack.packb(fields)
+    return packed[len(header) :]
 
 
 class RecordEncoder:
@@ -170,9 +171,8 @@ class RecordEncoder:
         # own fields (a map of _RECORD_FIELDS entries, so a one-byte header) and is joined
         # behind this head, which carries the header of the whole map.
         fixed = {**self._identity_fields, "kind": RECORD}
-        self._record_head = (
-            msgpack.Packer().pack_map_header(len(fixed) + len(_RECORD_FIELDS)) + _map_body(fixed)
-        )
+        header: bytes = msgpack.Packer().pack_map_header(len(fixed) + len(_RECORD_FIELDS))
+        self._record_head = header + _map_body(fixed)
 
     def record(self, seq: int, record: logging.LogRecord) -> bytes | DeferredRecord:
         """Pack one LogRecord as a ``record`` envelope (deferred if it holds CUDA values)."""
@@ -196,25 +196,29 @@ class RecordEncoder:
             "extra": {} if _NOT_EXTRA.issuperset(attrs) else _extra(attrs),
         }
         try:
-            return self._record_head + self._packer.pack(fields)[1:]
+            body: bytes = self._packer.pack(fields)
+            return self._record_head + body[1:]
         except (TypeError, ValueError, OverflowError, _SlowPath):
             pass  # rare: odd values or keys, huge ints, cycles, absurd nesting, device values
-        self._copies = copies = []
+        copies: list[HostCopy] = []
+        self._copies = copies
         try:
             safe = self._sanitize(fields, 0)
         finally:
             self._copies = None
         if copies:
             return DeferredRecord(self._record_head, safe, copies)
-        return self._record_head + self._packer.pack(safe)[1:]
+        body = self._packer.pack(safe)
+        return self._record_head + body[1:]
 
     def control(self, kind: str, **fields: Any) -> bytes:
         """Pack a hello, heartbeat or goodbye envelope."""
         envelope = {**self._identity_fields, "kind": kind, **fields}
         try:
-            return self._packer.pack(envelope)
+            packed: bytes = self._packer.pack(envelope)
         except (TypeError, ValueError, OverflowError):
-            return self._packer.pack(self._sanitize(envelope, 0))
+            packed = self._packer.pack(self._sanitize(envelope, 0))
+        return packed
 
     def _step(self, value: Any) -> Any:
         try:
@@ -234,9 +238,9 @@ class RecordEncoder:
         if module == "numpy" and getattr(value, "ndim", None) == 0:
             return value.item()
         torch = sys.modules.get("torch") if module.startswith("torch") else None
-        if torch is not None and isinstance(value, torch.Tensor):
-            if value.numel() == 1 and not value.is_cuda:
-                return value.item()
+        tensor = torch is not None and isinstance(value, torch.Tensor)
+        if tensor and value.numel() == 1 and not value.is_cuda:
+            return value.item()
         if isinstance(value, set | frozenset):
             return list(value)
         if self._copies is None:
@@ -247,7 +251,7 @@ class RecordEncoder:
             self._copies.append(copy)
             return copy
         self.converted += 1
-        if torch is not None and isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        if tensor and value.device.type != "cpu":
             # repr() would copy the data to the host and wait for the device.
             return f"tensor(shape={list(value.shape)}, dtype={value.dtype}, device={value.device})"
         return repr(value)
@@ -284,7 +288,14 @@ def _extra(attrs: dict[str, Any]) -> dict[str, Any]:
 def pack_ack(run: str, rank: int, incarnation: str, seq: int) -> bytes:
     """The collector's acknowledgement: every seq up to ``seq`` is safe."""
     packed: bytes = msgpack.packb(
-        {"v": PROTOCOL_VERSION, "kind": ACK, "run": run, "rank": rank, "inc": incarnation, "seq": seq}
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": ACK,
+            "run": run,
+            "rank": rank,
+            "inc": incarnation,
+            "seq": seq,
+        }
     )
     return packed
 
@@ -362,7 +373,8 @@ def _plainly_valid_record(e: dict[Any, Any]) -> bool:
         and type(e.get("hparams")) is bool
         and (type(msg) is dict or type(msg) is str)
         and type(extra) is dict
-        and (not extra or RESERVED_EXTRA_KEYS.isdisjoint(extra) and all(type(k) is str for k in extra))
+        and (not extra or (RESERVED_EXTRA_KEYS.isdisjoint(extra)
+                           and all(type(k) is str for k in extra)))
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ resends what was not acknowledged in time, and says hello, heartbeat and goodbye
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ranklog._codec import ACK, GOODBYE, HEARTBEAT, HELLO, RecordEncoder
 from ranklog._endpoint import derived_endpoint
@@ -250,10 +252,21 @@ class _Sender(threading.Thread):
             if self.handler.curve is not None:
                 server, public, secret = self.handler.curve
                 sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
-                    server, public, secret
+                    server,
+                    public,
+                    secret,
                 )
+            # Connection events: whatever was in flight on a connection that dropped is resent
+            # first, before newer records, so each rank's records arrive in order.
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            )
             sock.connect(self.handler.endpoint)
-            self._loop(sock)
+            try:
+                self._loop(sock, monitor)
+            finally:
+                sock.disable_monitor()
+                monitor.close(linger=0)
         finally:
             sock.close(linger=0)
             context.term()
@@ -266,27 +279,25 @@ class _Sender(threading.Thread):
         with self._wake_lock:
             if self.asleep and self._wake_w >= 0:
                 self.asleep = False
-                try:
+                # A full pipe (OSError) means a wake-up is already on its way.
+                with contextlib.suppress(OSError):
                     os.write(self._wake_w, b"\0")
-                except OSError:
-                    pass  # the pipe is full: a wake-up is already on its way
 
     def forget_wake_pipe(self) -> None:
         """Close the wake-up pipe (also in a forked child, where this thread does not exist)."""
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self._wake_r = self._wake_w = -1
 
-    def _loop(self, sock: zmq.Socket[Any]) -> None:
+    def _loop(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         settings = self.handler.settings
         poll_ms = max(1, int(settings.poll_interval * 1000))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         beat = settings.heartbeat_interval
         wait_ms = poll_ms
         greeted = False
@@ -296,6 +307,8 @@ class _Sender(threading.Thread):
         while True:
             ready = dict(poller.poll(wait_ms))
             self.asleep = False
+            if monitor in ready:
+                self._on_connection_events(monitor)
             if sock in ready:
                 self._read_acks(sock)
             if self._wake_r in ready:
@@ -304,15 +317,12 @@ class _Sender(threading.Thread):
             # Records say "alive" as well as a heartbeat does: a heartbeat goes out after a
             # second of silence, or a second after the last one if its counters changed.
             counters = (self.outbox.dropped, self.handler._encoder.converted)
-            if (
-                not greeted
-                or now - spoke >= beat
-                or (counters != told and now - last_beat >= beat)
-            ):
-                if self._send_control(sock, HEARTBEAT if greeted else HELLO):
-                    greeted = True
-                    last_beat = spoke = now
-                    told = counters
+            changed = counters != told and now - last_beat >= beat
+            due = not greeted or now - spoke >= beat or changed
+            if due and self._send_control(sock, HEARTBEAT if greeted else HELLO):
+                greeted = True
+                last_beat = spoke = now
+                told = counters
             self.outbox.requeue(stale_after=settings.ack_timeout)
             if self._send_batches(sock):
                 spoke = now
@@ -330,6 +340,11 @@ class _Sender(threading.Thread):
                 else:
                     next_beat = spoke + beat - time.monotonic()
                     wait_ms = max(poll_ms, int(next_beat * 1000) + 1)
+
+    def _on_connection_events(self, monitor: zmq.Socket[Any]) -> None:
+        while monitor.poll(0):
+            recv_monitor_message(monitor)
+            self.outbox.requeue()
 
     def _drain_wake_pipe(self) -> None:
         try:

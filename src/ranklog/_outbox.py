@@ -48,12 +48,16 @@ class Outbox:
         self._unsent: deque[Item] = deque()
         self._inflight: deque[tuple[int, bytes]] = deque()
         self._oldest_send = 0.0
+        # (last seq, sent at) of each batch in flight, and how long acknowledgements have been
+        # taking: a collector that is slow but alive is not made to take everything twice.
+        self._batches: deque[tuple[int, float]] = deque()
+        self._ack_time = 0.0
         self._nbytes = 0
         self._next_seq = 1
 
     def put(self, seq: int, data: bytes | Pending) -> None:
         """Add a record; evict the oldest ones while over a bound."""
-        size = len(data) if type(data) is bytes else data.nbytes
+        size = len(data) if isinstance(data, bytes) else data.nbytes
         with self._lock:
             self._unsent.append((seq, data))
             self._nbytes += size
@@ -85,7 +89,7 @@ class Outbox:
             unsent = self._unsent
             while unsent and len(batch) < max_records and size < max_bytes:
                 seq, data = unsent[0]
-                if type(data) is not bytes:
+                if not isinstance(data, bytes):
                     ready = data.result()
                     if ready is None:
                         break
@@ -94,8 +98,11 @@ class Outbox:
                 unsent.popleft()
                 batch.append((seq, data))
                 size += len(data)
-            if batch and not self._inflight:
-                self._oldest_send = time.monotonic()
+            if batch:
+                now = time.monotonic()
+                if not self._inflight:
+                    self._oldest_send = now
+                self._batches.append((batch[-1][0], now))
             self._inflight.extend(batch)
         return batch
 
@@ -104,6 +111,8 @@ class Outbox:
         with self._lock:
             for _ in range(min(len(batch), len(self._inflight))):
                 self._unsent.appendleft(self._inflight.pop())
+            if batch and self._batches:
+                self._batches.pop()
 
     def ack(self, seq: int) -> None:
         """The collector holds every record up to ``seq``: forget them."""
@@ -115,21 +124,29 @@ class Outbox:
             while self._unsent and self._unsent[0][0] <= seq:
                 self._nbytes -= _size(self._unsent.popleft()[1])
             if acked:
-                self._oldest_send = time.monotonic()
+                now = self._oldest_send = time.monotonic()
+                while self._batches and self._batches[0][0] <= seq:
+                    took = now - self._batches.popleft()[1]
+                    # Rise at once, settle slowly.
+                    self._ack_time = max(took, 0.875 * self._ack_time + 0.125 * took)
         if acked and self.on_ack is not None:
             self.on_ack(seq)
 
     def requeue(self, stale_after: float = 0.0) -> int:
         """Put every in-flight record back in front of the unsent ones, to be sent again.
 
-        With ``stale_after``, only if nothing was acknowledged for that many seconds.
+        With ``stale_after``, only if nothing was acknowledged for that many seconds, or for
+        three times as long as acknowledgements have lately taken (up to ten times
+        ``stale_after``), whichever is longer.
         """
         with self._lock:
-            if not self._inflight or time.monotonic() - self._oldest_send < stale_after:
+            patience = min(max(stale_after, 3 * self._ack_time), 10 * stale_after)
+            if not self._inflight or time.monotonic() - self._oldest_send < patience:
                 return 0
             count = len(self._inflight)
             self._unsent.extendleft(reversed(self._inflight))
             self._inflight.clear()
+            self._batches.clear()
             return count
 
     def base(self) -> int:
@@ -154,4 +171,4 @@ class Outbox:
 
 
 def _size(data: bytes | Pending) -> int:
-    return len(data) if type(data) is bytes else data.nbytes
+    return len(data) if isinstance(data, bytes) else data.nbytes
