@@ -22,9 +22,7 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--first-step", type=int, default=0)
-    parser.add_argument(
-        "--rate", type=float, default=0.0, help="records/s; 0 = no limit"
-    )
+    parser.add_argument("--rate", type=float, default=0.0, help="records/s; 0 = no limit")
     parser.add_argument("--tag", default="")
     parser.add_argument("--close-timeout", type=float, default=30.0)
     parser.add_argument("--hparams", action="store_true")

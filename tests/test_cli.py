@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import CollectorProcess
-from tests.test_integration import run_ranks
+from tests.ranks import run_ranks
 
 
 def ranklog(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from tests.conftest import CollectorProcess, read_jsonl
-from tests.test_integration import REPO
+from tests.ranks import REPO, finish, start_ranks
 from tests.wandb_reader import offline_runs, read_run
 
 COLLECT_ARGS = ("--silence-timeout", "5", "--status-interval", "1")
@@ -29,46 +29,16 @@ def free_endpoint() -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def start_ranks(
-    endpoint: str, world_size: int, records: int, *extra: str
-) -> list[subprocess.Popen[str]]:
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.rank_worker",
-                "--endpoint",
-                endpoint,
-                "--rank",
-                str(r),
-                "--world-size",
-                str(world_size),
-                "--records",
-                str(records),
-                *extra,
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world_size)
-    ]
-
-
-def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[dict[str, int]]:
-    stats = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, err
-        stats.append(json.loads(out.strip().splitlines()[-1]))
-    return stats
-
-
 def step_counts(output_dir: Path, rank: int) -> Counter[int]:
     path = output_dir / f"training_params_and_metrics_global{rank}.jsonl"
     return Counter(row["step"] for row in read_jsonl(path))  # type: ignore[misc]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
 
 
 def tensorboard_loss_steps(run_dir: Path) -> list[int]:
@@ -158,7 +128,8 @@ class TestDeadRank:
             "--world-size", "3", "--exit-when-done", "--silence-timeout", "2", output_dir=out
         )
         ranks = start_ranks(c.endpoint, 3, 1500, "--rate", "500")
-        time.sleep(1.0)
+        wait_for(lambda: "rank 2 joined" in c.log(), 60)
+        time.sleep(0.5)
         ranks[2].kill()
         finish(ranks[:2])
         started = time.monotonic()

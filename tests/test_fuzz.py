@@ -18,7 +18,7 @@ from ranklog._codec import RecordEncoder, decode
 from ranklog._errors import ProtocolError
 from ranklog._identity import detect_identity
 from tests.conftest import CollectorProcess, read_jsonl
-from tests.test_integration import run_ranks
+from tests.ranks import run_ranks
 
 ENCODER = RecordEncoder(detect_identity(rank=1, world_size=2, run_id="fuzz"))
 scalars = st.one_of(

@@ -18,41 +18,7 @@ import zmq
 from ranklog._codec import RecordEncoder
 from ranklog._identity import detect_identity
 from tests.conftest import CollectorProcess, read_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_ranks(endpoint: str, world_size: int, records: int, *extra: str) -> list[dict[str, int]]:
-    """Start one worker process per rank, wait for all, return their final stats."""
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.rank_worker",
-                "--endpoint",
-                endpoint,
-                "--rank",
-                str(r),
-                "--world-size",
-                str(world_size),
-                "--records",
-                str(records),
-                *extra,
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world_size)
-    ]
-    stats = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        stats.append(json.loads(out.strip().splitlines()[-1]))
-    return stats
+from tests.ranks import run_ranks
 
 
 def steps_of(output_dir: Path, rank: int) -> list[int]:

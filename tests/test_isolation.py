@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from tests.conftest import READY, CollectorProcess, read_jsonl
-from tests.test_policy import start_rank, tb_scalars, wait_ranks
+from tests.ranks import finish, start_rank
+from tests.test_policy import tb_scalars
 from tests.wandb_reader import offline_runs, read_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ class TestHungBackend:
             env={"PYTHONPATH": pythonpath},
         )
         started.append(c)
-        wait_ranks(*(start_rank(c.endpoint, r, 2, 100) for r in (0, 1)))
+        finish([start_rank(c.endpoint, r, 2, 100) for r in (0, 1)])
 
         out = tmp_path / "out"
         # Everything lands while the hung handler still holds its first record.
@@ -196,7 +197,7 @@ class TestHungBackend:
             },
         )
         started.append(c)
-        wait_ranks(*(start_rank(c.endpoint, r, 2, 50) for r in (0, 1)))
+        finish([start_rank(c.endpoint, r, 2, 50) for r in (0, 1)])
         out = tmp_path / "out"
         assert eventually(lambda: len(tb_scalars(out)["demo"]["loss"]) == 50)
         assert eventually(
@@ -223,7 +224,7 @@ def _run_with_config(config: Path, tmp_path: Path, started: list[CollectorProces
         env={"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")},
     )
     started.append(c)
-    wait_ranks(*(start_rank(c.endpoint, r, 2, 20, "--hparams") for r in (0, 1)))
+    finish([start_rank(c.endpoint, r, 2, 20, "--hparams") for r in (0, 1)])
     code, _ = stop_within(c, 10)
     assert code == 0, c.log()
     return c.log()

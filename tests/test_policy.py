@@ -28,8 +28,7 @@ from ranklog._policy import (
     parse_policy_spec,
 )
 from tests.conftest import CollectorProcess, read_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.ranks import REPO, finish, start_rank
 
 
 def rec(rank: int, step: int | None, msg: Any, *, world_size: int = 2, **extra: Any) -> Any:
@@ -54,36 +53,6 @@ def feed(policy: RankPolicy, *records: Any, now: float = 0.0) -> list[Any]:
     for record in records:
         out += policy.accept(record, now)
     return out
-
-
-def start_rank(endpoint: str, rank: int, world_size: int, records: int, *extra: str) -> Any:
-    """A rank process (tests/rank_worker.py): loss = 1/(step+1) + rank at steps 0..records-1."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.rank_worker",
-            "--endpoint",
-            endpoint,
-            "--rank",
-            str(rank),
-            "--world-size",
-            str(world_size),
-            "--records",
-            str(records),
-            *extra,
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_ranks(*procs: Any) -> None:
-    for proc in procs:
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
 
 
 def tb_scalars(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -268,7 +237,7 @@ class TestPoliciesInTheCollector:
         )
         # Rank 1 logs steps 0..99 and stops; rank 0 goes on to step 299.
         started = time.monotonic()
-        wait_ranks(start_rank(c.endpoint, 0, 2, 300), start_rank(c.endpoint, 1, 2, 100))
+        finish([start_rank(c.endpoint, 0, 2, 300), start_rank(c.endpoint, 1, 2, 100)])
 
         # The steps rank 1 never sent come out after the timeout, while the collector runs.
         run: dict[str, list[tuple[int, float]]] = {}

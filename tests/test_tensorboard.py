@@ -18,7 +18,8 @@ from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 from ranklog import TensorBoardHandler
 from tests.conftest import CollectorProcess, read_jsonl
-from tests.test_policy import rec, start_rank, wait_ranks
+from tests.ranks import finish, start_rank
+from tests.test_policy import rec
 
 
 def accumulator(run_dir: Path) -> EventAccumulator:
@@ -173,7 +174,7 @@ class TestTensorBoardInTheCollector:
             "demo",
             env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
         )
-        wait_ranks(*(start_rank(c.endpoint, r, 2, 300, "--hparams") for r in (0, 1)))
+        finish([start_rank(c.endpoint, r, 2, 300, "--hparams") for r in (0, 1)])
         c.terminate(signal.SIGTERM)
         assert c.wait(60) == 0, c.log()
 

@@ -12,7 +12,8 @@ import wandb
 
 from ranklog import WandbHandler
 from tests.conftest import CollectorProcess, read_jsonl
-from tests.test_policy import rec, start_rank, tb_scalars, wait_ranks
+from tests.ranks import finish, start_rank
+from tests.test_policy import rec, tb_scalars
 from tests.wandb_reader import WandbRun, offline_runs, read_run
 
 
@@ -100,7 +101,7 @@ class TestWandbInTheCollector:
             "demo",
             env={"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")},
         )
-        wait_ranks(*(start_rank(c.endpoint, r, 2, 300, "--hparams") for r in (0, 1)))
+        finish([start_rank(c.endpoint, r, 2, 300, "--hparams") for r in (0, 1)])
         c.terminate(signal.SIGTERM)
         assert c.wait(60) == 0, c.log()
 
@@ -132,7 +133,7 @@ class TestWandbInTheCollector:
                 "NETRC": str(tmp_path / "no-netrc"),
             },
         )
-        wait_ranks(*(start_rank(c.endpoint, r, 2, 50) for r in (0, 1)))
+        finish([start_rank(c.endpoint, r, 2, 50) for r in (0, 1)])
         c.terminate(signal.SIGTERM)
         assert c.wait(60) == 0, c.log()
 

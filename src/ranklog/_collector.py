@@ -143,6 +143,7 @@ class Collector:
         self._journal_error: str | None = None
         self._journal_retry_at = 0.0
         self._last_message_at = 0.0
+        self._absent_reported = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -470,7 +471,16 @@ class Collector:
 
     def _all_done(self, now: float) -> bool:
         world_size = self.world_size or self.ranks.largest_world_size()
-        return self.ranks.all_done(world_size, now, self._started_at, self.silence_timeout)
+        done = self.ranks.all_done(world_size, now, self._started_at, self.silence_timeout)
+        absent = self.ranks.never_seen(world_size)
+        if done and absent and not self._absent_reported:
+            self._absent_reported = True
+            _log.warning(
+                "rank(s) %s never connected within %.0fs; counting them as gone",
+                ", ".join(map(str, absent)),
+                self.silence_timeout,
+            )
+        return done
 
     def _log_status(self, rate: float) -> None:
         _log.info(

@@ -74,6 +74,9 @@ class RankTable:
                 return False
         return True
 
+    def never_seen(self, world_size: int) -> list[int]:
+        return [rank for rank in range(world_size) if rank not in self._by_rank]
+
     def largest_world_size(self) -> int:
         return max((peer.world_size for peer in self._peers.values()), default=1)
 
