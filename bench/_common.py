@@ -144,6 +144,8 @@ class Sampler(threading.Thread):
                 status = proc_status(self.pid)
             except (OSError, IndexError):
                 return  # the collector exited
+            if not status["rss_kib"]:
+                return  # exiting: no memory map any more
             sample = {"t": time.monotonic(), **status}
             if self.count_lines:
                 sample["lines"] = self.lines()

@@ -311,3 +311,67 @@ class TestFullDisk:
         ]
         assert any(e["event"] == "journal_blocked" for e in events)
         assert_exactly_once(out, 2, 3000)
+
+
+SLOW_BACKENDS = '''
+import logging
+import threading
+import time
+
+from ranklog import AsyncStructuredHandler
+
+
+class SlowJsonl(AsyncStructuredHandler):
+    """JSONL on a slow disk."""
+
+    def emit(self, record):
+        time.sleep(0.0003)
+        super().emit(record)
+
+
+class Hung(logging.Handler):
+    """Never returns, as a dead network call would."""
+
+    def emit(self, record):
+        threading.Event().wait()
+'''
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+class TestBackpressure:
+    """Slow or hung backends keep their backlog in the journal, not in memory."""
+
+    def test_slow_backend_catches_up_and_memory_stays_bounded(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        (tmp_path / "slow_backends.py").write_text(SLOW_BACKENDS)
+        out = tmp_path / "out"
+        config = {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "handlers": {
+                "hung": {"()": "slow_backends.Hung", ".": {"queue_size": 100}},
+                "jsonl": {"()": "slow_backends.SlowJsonl", "log_dir": str(out),
+                          ".": {"queue_size": 200}},
+            },
+            "root": {"level": "NOTSET", "handlers": ["hung", "jsonl"]},
+        }  # fmt: skip
+        (tmp_path / "logging.json").write_text(json.dumps(config))
+        c = collector("--config", str(tmp_path / "logging.json"), "--drain-timeout", "2",
+                      output_dir=out, env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
+        rss_before = rss_kib(c.proc.pid)
+        finish(start_ranks(c.endpoint, 4, 5_000))
+        rss_after = rss_kib(c.proc.pid)
+        print(f"collector RSS {rss_before} KiB -> {rss_after} KiB")
+        assert "backend jsonl is falling behind; it will catch up from the journal" in c.log()
+        assert rss_after - rss_before < 24 * 1024, (rss_before, rss_after)
+        jsonl = out / "training_params_and_metrics_global3.jsonl"
+        wait_for(lambda: jsonl.exists() and len(jsonl.read_bytes().splitlines()) == 5_000, 60)
+        c.terminate()
+        assert c.wait(60) == 1  # the hung backend is abandoned, by name
+        assert "backend hung did not drain" in c.log()
+        assert_exactly_once(out, 4, 5_000)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklog._errors import ConfigError
-from ranklog._fanout import QueuedHandler
+from ranklog._fanout import DEFAULT_QUEUE_SIZE, QueuedHandler
 from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
 from ranklog._policy import RankPolicy, make_policy, unknown_backends
 
@@ -120,7 +120,8 @@ def install_backends(
 
     ``policies`` maps handler names (``tensorboard``, or a key of the config's
     ``handlers``) to a rank policy that runs in front of that handler. A config file can
-    choose one too, with dictConfig's attribute key: ``".": {"rank_policy": "mean"}``.
+    choose one too, with dictConfig's attribute key: ``".": {"rank_policy": "mean"}``, and
+    the size of the backend's in-memory queue: ``".": {"queue_size": 1000}``.
     """
     policies = dict(policies or {})
     try:
@@ -145,7 +146,9 @@ def install_backends(
             queued = wrapped.get(id(handler))
             if queued is None:
                 policy = _policy_for(handler, policies, world_size, policy_timeout)
-                queued = wrapped[id(handler)] = QueuedHandler(handler, policy=policy)
+                # A backend's queue holds records in memory; past it, the journal on disk.
+                size = int(getattr(handler, "queue_size", DEFAULT_QUEUE_SIZE))
+                queued = wrapped[id(handler)] = QueuedHandler(handler, maxsize=size, policy=policy)
                 queued.setLevel(handler.level)
             logger.handlers[index] = queued
     names = [str(queued.name) for queued in wrapped.values()]

@@ -34,6 +34,7 @@ from ranklog._records import OFFSET_ATTR, build_record, reaches
 _log = logging.getLogger("ranklog.collector")
 _STOP = object()
 _RETRY_AFTER = 1.0
+DEFAULT_QUEUE_SIZE = 10_000
 
 
 class _Rewound(Exception):
@@ -48,7 +49,7 @@ class QueuedHandler(logging.Handler):
         self,
         inner: logging.Handler,
         *,
-        maxsize: int = 100_000,
+        maxsize: int = DEFAULT_QUEUE_SIZE,
         name: str = "",
         policy: RankPolicy | None = None,
     ) -> None:

@@ -91,6 +91,8 @@ class TensorBoardHandler(logging.Handler):
             now=self._started,
         )
         self.run_dir = self._resume_dir or self.log_dir / name
+        if not self.run_dir.resolve().is_relative_to(self.log_dir.resolve()):
+            raise ValueError(f"run name {name!r} leads outside {self.log_dir}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._start_empty:
             for old in self.run_dir.glob("events.out.tfevents.*"):
