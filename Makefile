@@ -33,6 +33,8 @@ compose-test: venv
 
 bench: venv
 	$(PY) bench/emit.py
+	$(PY) bench/collector.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -53,7 +53,11 @@ def _backend_flags() -> argparse.ArgumentParser:
     )
     flags.add_argument("--world-size", type=int, default=None, help="ranks to expect")
     flags.add_argument(
-        "--drain-timeout", type=float, default=10.0, help="seconds backends get to drain"
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds backends get to drain on shutdown; one still busy then is abandoned "
+        "(what it missed stays in the journal: `ranklog replay` writes it later)",
     )
     flags.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return flags

@@ -101,7 +101,7 @@ class Collector:
         world_size: int | None = None,
         exit_when_done: bool = False,
         silence_timeout: float = 60.0,
-        drain_timeout: float = 10.0,
+        drain_timeout: float = 30.0,
         status_interval: float = 30.0,
         allow_remote: bool = False,
         policy: str | Mapping[str, str] | None = None,
