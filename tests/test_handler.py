@@ -134,3 +134,20 @@ class TestRankFields:
         ]
         outputs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert outputs == ["0 2", "1 2"]
+
+
+class TestRankSideImports:
+    """A rank imports only the standard library, pyzmq and msgpack."""
+
+    def test_no_backend_sdk_or_torch_on_import(self) -> None:
+        script = (
+            "import sys, logging, ranklog\n"
+            "h = ranklog.ZMQSocketHandler('tcp://127.0.0.1:9', close_timeout=0.1)\n"
+            "logging.getLogger('m').addHandler(h)\n"
+            "logging.getLogger('m').warning({'x': 1})\n"
+            "heavy = ('torch', 'wandb', 'tensorboard', 'numpy', 'mlflow', 'rich', 'yaml')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n"
+        )
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", script],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.stdout.strip() == "[]", out.stderr
