@@ -64,13 +64,12 @@ class QueuedHandler(logging.Handler):
         self.inner = inner
         self.name = name or inner.get_name() or type(inner).__name__
         self.policy = policy
-        self.dropped = 0
         self.failed = 0
         self.abandoned = False
         self._closing = threading.Event()
         self._closed_cleanly = False
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
-        # Journal bookkeeping (see attach_journal); without a journal these stay inert.
+        # Journal bookkeeping, set by attach_journal before any record arrives.
         self.resume_offset = 0
         self.checkpoint_interval = 1.0
         self._journal: Journal | None = None
@@ -114,32 +113,22 @@ class QueuedHandler(logging.Handler):
         self.resume_offset = self._handled_offset = self._enqueued_end = int(saved["offset"])
 
     def handle(self, record: logging.LogRecord) -> bool:
-        offset = getattr(record, OFFSET_ATTR, None)
-        if offset is not None and offset <= self.resume_offset:
+        offset: int = getattr(record, OFFSET_ATTR)  # every record the collector dispatches has one
+        if offset <= self.resume_offset:
             return False  # written before a restart
-        if self._journal is not None and offset is not None:
-            with self._lag_lock:
-                if self._lag_from is not None:
-                    self._lag_to = offset  # the journal has it; caught up later
-                    return False
-                try:
-                    self._queue.put_nowait(record)
-                except queue.Full:
-                    self._lag_from, self._lag_to = self._enqueued_end, offset
-                    _log.warning(
-                        "backend %s is falling behind; it will catch up from the journal",
-                        self.name,
-                    )
-                    return False
-                self._enqueued_end = offset
-            return True
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1:
-                _log.warning("backend %s is falling behind: its queue is full, dropping", self.name)
-            return False
+        with self._lag_lock:
+            if self._lag_from is not None:
+                self._lag_to = offset  # the journal has it; caught up later
+                return False
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                self._lag_from, self._lag_to = self._enqueued_end, offset
+                _log.warning(
+                    "backend %s is falling behind; it will catch up from the journal", self.name
+                )
+                return False
+            self._enqueued_end = offset
         return True
 
     def _lagged_records(self) -> Iterator[logging.LogRecord]:
@@ -193,11 +182,8 @@ class QueuedHandler(logging.Handler):
                 continue
             if item is _STOP:
                 break
-            if isinstance(item, threading.Event):
-                item.set()
-            else:
-                with contextlib.suppress(_Rewound):
-                    self._take(item)
+            with contextlib.suppress(_Rewound):
+                self._take(item)
             if time.monotonic() >= self._next_checkpoint or (
                 self._lag_from is not None and self._queue.empty()
             ):
@@ -253,9 +239,7 @@ class QueuedHandler(logging.Handler):
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(item, threading.Event):
-                    item.set()
-                elif item is _STOP:
+                if item is _STOP:
                     self._closing.set()
         self._handled_offset = int(saved["offset"])
         self._retry_at = time.monotonic() + _RETRY_AFTER
@@ -341,15 +325,6 @@ class QueuedHandler(logging.Handler):
             _log.exception("backend %s failed to close", self.name)
             return
         self._closed_cleanly = True
-
-    def barrier(self, timeout: float) -> bool:
-        """Wait until every record queued before now reached the backend (or its policy)."""
-        done = threading.Event()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
 
     def request_close(self) -> None:
         """Ask the backend to drain and close, without waiting (see :meth:`close_within`)."""
