@@ -337,6 +337,10 @@ class Hung(logging.Handler):
 '''
 
 
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
@@ -369,8 +373,10 @@ class TestBackpressure:
         print(f"collector RSS {rss_before} KiB -> {rss_after} KiB")
         assert "backend jsonl is falling behind; it will catch up from the journal" in c.log()
         assert rss_after - rss_before < 24 * 1024, (rss_before, rss_after)
-        jsonl = out / "training_params_and_metrics_global3.jsonl"
-        wait_for(lambda: jsonl.exists() and len(jsonl.read_bytes().splitlines()) == 5_000, 60)
+        # The slow backend catches up from the journal; wait for every rank's file, since
+        # the ranks finish sending at different times.
+        files = [out / f"training_params_and_metrics_global{rank}.jsonl" for rank in range(4)]
+        wait_for(lambda: all(_lines(f) == 5_000 for f in files), 60)
         c.terminate()
         assert c.wait(60) == 1  # the hung backend is abandoned, by name
         assert "backend hung did not drain" in c.log()
