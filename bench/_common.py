@@ -6,6 +6,7 @@ and exit 0 whatever the numbers are; ``docs/performance.md`` records the latest 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -178,17 +179,35 @@ def summarize_ns(samples_ns: Sequence[int]) -> dict[str, float]:
     }
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the collector runs its backends in a child process)."""
+    tree = [pid]
+    for member in tree:
+        for task in Path(f"/proc/{member}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                tree.extend(int(child) for child in task.read_text().split())
+    return tree
+
+
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS (KiB) from /proc/<pid>/status and CPU seconds x100 (ticks) from /proc/<pid>/stat."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    # fields[11], fields[12] are utime and stime (the 14th and 15th of the full line).
-    return {"rss_kib": rss, "cpu_ticks": int(fields[11]) + int(fields[12])}
+    """VmRSS (KiB) from /proc/<pid>/status and CPU seconds x100 (ticks) from /proc/<pid>/stat,
+    summed over the process and its descendants (their CPU while they run)."""
+    rss = ticks = 0
+    for member in _process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+            with open(f"/proc/{member}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            if member == pid:
+                raise
+            continue  # a child that just exited
+        # fields[11], fields[12] are utime and stime (the 14th and 15th of the full line).
+        ticks += int(fields[11]) + int(fields[12])
+    return {"rss_kib": rss, "cpu_ticks": ticks}
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -342,8 +342,15 @@ def _lines(path: Path) -> int:
 
 
 def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+    """Resident memory of the collector and its backends' process."""
+    total = 0
+    tree = [pid]
+    for member in tree:
+        for task in Path(f"/proc/{member}/task").glob("*/children"):
+            tree.extend(int(child) for child in task.read_text().split())
+        status = Path(f"/proc/{member}/status").read_text()
+        total += int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1])
+    return total
 
 
 class TestBackpressure:
@@ -358,9 +365,8 @@ class TestBackpressure:
             "version": 1,
             "disable_existing_loggers": False,
             "handlers": {
-                "hung": {"()": "slow_backends.Hung", ".": {"queue_size": 100}},
-                "jsonl": {"()": "slow_backends.SlowJsonl", "log_dir": str(out),
-                          ".": {"queue_size": 200}},
+                "hung": {"()": "slow_backends.Hung"},
+                "jsonl": {"()": "slow_backends.SlowJsonl", "log_dir": str(out)},
             },
             "root": {"level": "NOTSET", "handlers": ["hung", "jsonl"]},
         }  # fmt: skip
@@ -368,14 +374,14 @@ class TestBackpressure:
         c = collector("--config", str(tmp_path / "logging.json"), "--drain-timeout", "2",
                       output_dir=out, env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
         rss_before = rss_kib(c.proc.pid)
-        finish(start_ranks(c.endpoint, 4, 5_000))
+        finish(start_ranks(c.endpoint, 4, 5_000))  # every record acknowledged: journaled
         rss_after = rss_kib(c.proc.pid)
-        print(f"collector RSS {rss_before} KiB -> {rss_after} KiB")
-        assert "backend jsonl is falling behind; it will catch up from the journal" in c.log()
-        assert rss_after - rss_before < 24 * 1024, (rss_before, rss_after)
-        # The slow backend catches up from the journal; wait for every rank's file, since
-        # the ranks finish sending at different times.
         files = [out / f"training_params_and_metrics_global{rank}.jsonl" for rank in range(4)]
+        written = sum(_lines(f) for f in files)
+        print(f"collector RSS {rss_before} KiB -> {rss_after} KiB; {written} lines written")
+        assert written < 20_000  # the slow backend is behind: its backlog is in the journal
+        assert rss_after - rss_before < 24 * 1024, (rss_before, rss_after)
+        # The slow backend catches up from the journal.
         wait_for(lambda: all(_lines(f) == 5_000 for f in files), 60)
         c.terminate()
         assert c.wait(60) == 1  # the hung backend is abandoned, by name

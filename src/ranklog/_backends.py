@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ranklog._errors import ConfigError
-from ranklog._fanout import DEFAULT_QUEUE_SIZE, QueuedHandler
+from ranklog._fanout import JournalBackend
 from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
 from ranklog._policy import RankPolicy, make_policy, unknown_backends
 
@@ -115,20 +114,20 @@ def install_backends(
     *,
     world_size: int | None = None,
     policy_timeout: float = DEFAULT_POLICY_TIMEOUT,
-) -> list[QueuedHandler]:
-    """Apply ``config`` and move every handler it attached behind its own queue.
+) -> list[JournalBackend]:
+    """Apply ``config`` and put every handler it attached on a thread of its own.
 
     ``policies`` maps handler names (``tensorboard``, or a key of the config's
     ``handlers``) to a rank policy that runs in front of that handler. A config file can
-    choose one too, with dictConfig's attribute key: ``".": {"rank_policy": "mean"}``, and
-    the size of the backend's in-memory queue: ``".": {"queue_size": 1000}``.
+    choose one too, with dictConfig's attribute key: ``".": {"rank_policy": "mean"}``.
+    The backends start once :meth:`JournalBackend.attach_journal` says where to read.
     """
     policies = dict(policies or {})
     try:
         logging.config.dictConfig(config)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:
         raise ConfigError(f"logging configuration failed: {exc}") from exc
-    wrapped: dict[int, QueuedHandler] = {}
+    wrapped: dict[int, JournalBackend] = {}
     loggers = [logging.getLogger()] + [
         item
         for item in logging.Logger.manager.loggerDict.values()
@@ -141,21 +140,19 @@ def install_backends(
             logger.disabled = False
             continue
         for index, handler in enumerate(logger.handlers):
-            if isinstance(handler, QueuedHandler):
+            if isinstance(handler, JournalBackend):
                 continue
-            queued = wrapped.get(id(handler))
-            if queued is None:
+            backend = wrapped.get(id(handler))
+            if backend is None:
                 policy = _policy_for(handler, policies, world_size, policy_timeout)
-                # A backend's queue holds records in memory; past it, the journal on disk.
-                size = int(getattr(handler, "queue_size", DEFAULT_QUEUE_SIZE))
-                queued = wrapped[id(handler)] = QueuedHandler(handler, maxsize=size, policy=policy)
-                queued.setLevel(handler.level)
-            logger.handlers[index] = queued
-    names = [str(queued.name) for queued in wrapped.values()]
+                backend = wrapped[id(handler)] = JournalBackend(handler, policy=policy)
+                backend.setLevel(handler.level)
+            logger.handlers[index] = backend
+    names = [str(backend.name) for backend in wrapped.values()]
     missing = unknown_backends(policies, names)
     if missing:
-        for queued in wrapped.values():
-            queued.close_within(time.monotonic() + 1.0)
+        for backend in wrapped.values():
+            backend.inner.close()
         raise ConfigError(
             f"--policy names backend(s) {', '.join(missing)} that the configuration does not "
             f"have; configured: {', '.join(names) or 'none'}"

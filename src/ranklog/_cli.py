@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from ranklog._backend_host import log_to_stderr
 from ranklog._collector import DEFAULT_BIND, Collector
 from ranklog._endpoint import ENDPOINT_ENV
 from ranklog._errors import ConfigError
 from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
-from ranklog._wandb import WandbHandler, teardown_within
 
 
 def _backend_flags() -> argparse.ArgumentParser:
@@ -135,15 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_stderr(quiet: bool) -> None:
-    log = logging.getLogger("ranklog")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s ranklog %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False  # the collector's root logger belongs to the backends
-
-
 def _make_keys(args: argparse.Namespace) -> int:
     import zmq.auth
 
@@ -178,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
         return _make_keys(args)
-    _log_to_stderr(args.quiet)
+    log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
     try:
         collector = _collector(args)
     except ConfigError as exc:
@@ -202,21 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ranklog {args.command}: {exc}", file=sys.stderr)
         return 2
-    abandoned = [backend for backend in collector.backends if backend.abandoned]
-    if abandoned:
-        # An abandoned backend may hold its handler's lock (logging.shutdown would wait on it
-        # at exit) or an SDK exit hook that never returns; everything else is flushed and
-        # closed already, so leave without running those hooks. W&B's hook is the one that
-        # completes a healthy run on disk: give it a bounded chance first.
-        logging.getLogger("ranklog.collector").error(
-            "exiting without the abandoned backend(s): %s",
-            ", ".join(str(b.name) for b in abandoned),
-        )
-        if not any(isinstance(b.inner, WandbHandler) for b in abandoned):
-            teardown_within(2.0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     return code
 
 

@@ -15,12 +15,8 @@ from typing import Any
 
 import zmq
 
-from ranklog._backends import (
-    install_backends,
-    load_config_file,
-    metric_logging_config,
-    parse_logger_types,
-)
+from ranklog._backend_host import BackendProcess
+from ranklog._backends import load_config_file, parse_logger_types
 from ranklog._codec import (
     ACK,
     GOODBYE,
@@ -31,12 +27,10 @@ from ranklog._codec import (
 )
 from ranklog._endpoint import is_local_only
 from ranklog._errors import ConfigError, ProtocolError
-from ranklog._fanout import QueuedHandler
 from ranklog._journal import Journal, journal_path
 from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
 from ranklog._policy import parse_policy_spec
 from ranklog._ranks import Peer, PeerKey, RankTable
-from ranklog._records import build_record, dispatch
 
 _log = logging.getLogger("ranklog.collector")
 EVENTS_FILE = "ranklog-events.jsonl"
@@ -134,7 +128,8 @@ class Collector:
         self.curve_allow = Path(curve_allow) if curve_allow else None
         self.stats = CollectorStats()
         self.endpoint: str | None = None
-        self.backends: list[QueuedHandler] = []
+        self.backends: list[str] = []  # their names
+        self._backends: BackendProcess | None = None
         self.ranks = RankTable()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -173,20 +168,29 @@ class Collector:
         self.stop()
 
     def _open_backends(self, *, from_start: bool = False) -> None:
-        """Journal first, then the backends, each resumed from its checkpoint."""
+        """Journal first, then the backends' process: each backend resumes from its
+        checkpoint and reads the journal on to its durable end."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.config_path:
+            load_config_file(self.config_path)  # a bad file fails here, before anything runs
         self.journal = Journal(journal_path(self.output_dir))
-        config = (
-            load_config_file(self.config_path)
-            if self.config_path
-            else metric_logging_config(self.loggers, self.run_name, self.output_dir)
-        )
-        self.backends = install_backends(
-            config, self.policies, world_size=self.world_size, policy_timeout=self.policy_timeout
-        )
-        for backend in self.backends:
-            backend.attach_journal(self.journal, self.journal.path.parent, from_start=from_start)
         self._recover()
+        self._backends = BackendProcess(
+            {
+                "output_dir": str(self.output_dir),
+                "loggers": self.loggers,
+                "run_name": self.run_name,
+                "config": str(self.config_path) if self.config_path else None,
+                "policies": self.policies,
+                "world_size": self.world_size,
+                "policy_timeout": self.policy_timeout,
+                "drain_timeout": self.drain_timeout,
+                "from_start": from_start,
+                "log_level": _log.getEffectiveLevel(),
+            }
+        )
+        self.backends = self._backends.names
+        self._backends.advance(self.journal.durable_end)
 
     def replay(self, *, from_start: bool = False) -> int:
         """Bring the backends up to date from the journal without listening (``ranklog
@@ -223,7 +227,7 @@ class Collector:
             _log.info(
                 "ranklog collector listening on %s (backends: %s, output: %s)",
                 self.endpoint,
-                ", ".join(str(b.name) for b in self.backends) or "none",
+                ", ".join(self.backends) or "none",
                 self.output_dir,
             )
             self._ready.set()
@@ -336,7 +340,8 @@ class Collector:
             batch.accepted.clear()  # the disk was just full: let the ranks resend in a moment
         if batch.accepted:
             try:
-                ends = [self.journal.append(frame) for _, _, frame in batch.accepted]
+                for _, _, frame in batch.accepted:
+                    self.journal.append(frame)
                 self.journal.sync()
             except OSError as exc:
                 self._journal_failed(exc)
@@ -346,12 +351,14 @@ class Collector:
                     _log.warning("journal writable again; acknowledging and delivering resumes")
                     self._event("journal_resumed", after=self._journal_error)
                     self._journal_error = None
-                for (peer, envelope, _), end in zip(batch.accepted, ends, strict=True):
+                for peer, envelope, _ in batch.accepted:
                     try:
-                        self._apply(peer, envelope, end)
+                        self._apply(peer, envelope)
                     except Exception:  # one bad record must never stop the others
                         self.stats.rejected["internal-error"] += 1
                         _log.exception("error while applying a record; it was skipped")
+                assert self._backends is not None
+                self._backends.advance(self.journal.durable_end)
         for (route, (run, rank, inc)), peer in batch.acks.items():
             # If the ack cannot go out now, the rank resends after its ack timeout.
             with contextlib.suppress(zmq.ZMQError):
@@ -397,19 +404,18 @@ class Collector:
         peer.converted = max(peer.converted, envelope["converted"])
         peer.tracker.skip_below(envelope["base"])
 
-    def _apply(self, peer: Peer, envelope: dict[str, Any], end: int, deliver: bool = True) -> None:
-        """Accept one journaled record or goodbye (live, or read back after a restart)."""
+    def _apply(self, peer: Peer, envelope: dict[str, Any], live: bool = True) -> None:
+        """Account for one journaled record or goodbye (live, or read back after a restart).
+        The backends read the record itself from the journal."""
         peer.tracker.accept(envelope["seq"])
         if envelope["kind"] == RECORD:
             self.stats.accepted += 1
             if envelope["step"] is not None:
                 peer.last_step = envelope["step"]
-            if deliver:
-                dispatch(build_record(envelope, end))
             return
         peer.goodbye_seq = envelope["seq"]
         self._note_counters(peer, envelope)
-        if deliver:
+        if live:
             _log.info(
                 "rank %d said goodbye (%d dropped on the rank, %d values sent as repr)",
                 peer.rank,
@@ -419,11 +425,11 @@ class Collector:
             self._event("rank_finished", rank=peer.rank, pid=peer.pid, dropped=peer.dropped)
 
     def _recover(self) -> None:
-        """Read the journal back: every seq accepted before, and what backends still lack."""
-        replay_from = min((b.resume_offset for b in self.backends), default=0)
+        """Read the journal back: every seq accepted before (the backends catch up on their
+        own, each from its checkpoint)."""
         now = time.monotonic()
-        total = replayed = 0
-        for _, end, frame in self.journal.read(0, self.journal.durable_end):
+        total = 0
+        for _, _, frame in self.journal.read(0, self.journal.durable_end):
             try:
                 envelope = decode(frame)
             except ProtocolError:
@@ -433,18 +439,14 @@ class Collector:
             if peer is None:
                 peer = self.ranks.add(key, self._new_peer(envelope, quiet=True))
                 peer.last_seen = now
-            deliver = end > replay_from
-            self._apply(peer, envelope, end, deliver=deliver)
+            self._apply(peer, envelope, live=False)
             total += 1
-            replayed += deliver
         if total:
             _log.info(
-                "journal %s: %d entries from %d rank incarnations already accepted; "
-                "%d replayed to backends that had not written them",
+                "journal %s: %d entries from %d rank incarnations already accepted",
                 self.journal.path,
                 total,
                 len(self.ranks),
-                replayed,
             )
 
     def _reject(self, error: ProtocolError) -> None:
@@ -498,14 +500,9 @@ class Collector:
         )
 
     def _drain(self) -> bool:
-        deadline = time.monotonic() + self.drain_timeout
-        # All drain at once, so a hung backend does not use up the others' share of the bound.
-        for backend in self.backends:
-            backend.request_close()
-        clean = all([backend.close_within(deadline) for backend in self.backends])
-        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-            if isinstance(logger, logging.Logger):
-                logger.handlers = [h for h in logger.handlers if h not in self.backends]
+        clean = self._backends is not None and self._backends.drain(
+            self.journal.durable_end, self.drain_timeout
+        )
         self._log_status(0.0)
         _log.info("collector stopped: %d records accepted", self.stats.accepted)
         return clean

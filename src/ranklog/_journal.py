@@ -77,26 +77,34 @@ class Journal:
         self.end = self.durable_end
 
     def read(self, start: int, stop: int | None = None) -> Iterator[tuple[int, int, bytes]]:
-        """Yield ``(start, end, frame)`` for each intact entry from ``start`` (to ``stop``)."""
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            offset = start
-            while stop is None or offset < stop:
-                header = f.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    return
-                length, crc = _HEADER.unpack(header)
-                frame = f.read(length)
-                if len(frame) < length or zlib.crc32(frame) != crc:
-                    return
-                end = offset + _HEADER.size + length
-                yield offset, end, frame
-                offset = end
+        return read_entries(self.path, start, stop)
 
     def close(self) -> None:
         try:
             self.sync()
         finally:
             self._file.close()
+
+
+def read_entries(
+    path: Path, start: int, stop: int | None = None
+) -> Iterator[tuple[int, int, bytes]]:
+    """Yield ``(start, end, frame)`` for each intact entry from ``start`` (to ``stop``).
+
+    Read-only: backends follow the journal with it while the collector appends."""
+    if not path.exists():
+        return
+    with open(path, "rb", buffering=1 << 20) as f:
+        f.seek(start)
+        offset = start
+        while stop is None or offset < stop:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return
+            length, crc = _HEADER.unpack(header)
+            frame = f.read(length)
+            if len(frame) < length or zlib.crc32(frame) != crc:
+                return
+            end = offset + _HEADER.size + length
+            yield offset, end, frame
+            offset = end

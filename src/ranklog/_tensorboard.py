@@ -70,7 +70,7 @@ class TensorBoardHandler(logging.Handler):
         self._started = datetime.now()
         self._writer: Any = None
         self._warned: set[str] = set()
-        # Crash recovery, driven by the collector (see _fanout.QueuedHandler): the run folder
+        # Crash recovery, driven by the collector (see _fanout.JournalBackend): the run folder
         # to keep writing into after a restart, whether to start it empty, and a hook to call
         # once a new event file exists.
         self._resume_dir: Path | None = None
