@@ -33,6 +33,7 @@ compose-test: venv
 
 bench: venv
 	$(PY) bench/emit.py
+	$(PY) bench/record_path.py
 	$(PY) bench/collector.py
 	$(PY) bench/scale.py
 

@@ -116,7 +116,8 @@ def accepted(log: str) -> int | None:
 
 
 class Sampler(threading.Thread):
-    """Samples the collector's RSS and CPU time, and the JSONL lines written, every 0.1 s."""
+    """Samples the RSS and CPU time of the collector and its backends' process, and the
+    JSONL lines written, every 0.1 s."""
 
     def __init__(self, pid: int, output_dir: Path, count_lines: bool) -> None:
         super().__init__(daemon=True)
@@ -126,6 +127,7 @@ class Sampler(threading.Thread):
         self.samples: list[dict[str, float]] = []
         self._offsets: dict[Path, int] = {}
         self._lines = 0
+        self._ticks: dict[int, int] = {}
         self._done = threading.Event()
 
     def lines(self) -> int:
@@ -147,7 +149,11 @@ class Sampler(threading.Thread):
                 return  # the collector exited
             if not status["rss_kib"]:
                 return  # exiting: no memory map any more
-            sample = {"t": time.monotonic(), **status}
+            # A child's CPU time still counts once it exited (the backends' process exits
+            # while the collector drains): keep the last reading of every pid.
+            self._ticks.update(status["ticks"])
+            sample = {"t": time.monotonic(), "rss_kib": status["rss_kib"],
+                      "cpu_ticks": sum(self._ticks.values())}  # fmt: skip
             if self.count_lines:
                 sample["lines"] = self.lines()
             self.samples.append(sample)
@@ -189,10 +195,11 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
-def proc_status(pid: int) -> dict[str, int]:
+def proc_status(pid: int) -> dict[str, Any]:
     """VmRSS (KiB) from /proc/<pid>/status and CPU seconds x100 (ticks) from /proc/<pid>/stat,
-    summed over the process and its descendants (their CPU while they run)."""
-    rss = ticks = 0
+    for the process and its descendants: their RSS summed, CPU ticks per pid."""
+    rss = 0
+    ticks: dict[int, int] = {}
     for member in _process_tree(pid):
         try:
             with open(f"/proc/{member}/status") as status:
@@ -206,8 +213,8 @@ def proc_status(pid: int) -> dict[str, int]:
                 raise
             continue  # a child that just exited
         # fields[11], fields[12] are utime and stime (the 14th and 15th of the full line).
-        ticks += int(fields[11]) + int(fields[12])
-    return {"rss_kib": rss, "cpu_ticks": ticks}
+        ticks[member] = int(fields[11]) + int(fields[12])
+    return {"rss_kib": rss, "ticks": ticks}
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -153,8 +153,8 @@ def run_phase(
 
 
 def _profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
-    """py-spy on the collector: samples of whichever thread holds the GIL (the CPU the
-    collector's Python spends, which one core bounds), as collapsed stacks in bench/results/."""
+    """py-spy on the collector and its backends' process: samples of whichever thread holds
+    each one's GIL (the CPU their Python spends), as collapsed stacks in bench/results/."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("--profile needs py-spy (pip install py-spy)", file=sys.stderr)
@@ -162,8 +162,8 @@ def _profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
     _common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = _common.RESULTS_DIR / f"collector-profile-{name}.txt"
     return subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--threads", "--gil", "--format", "raw", "--rate", "200",
-         "--output", str(out)],
+        [spy, "record", "--pid", str(pid), "--threads", "--subprocesses", "--gil",
+         "--format", "raw", "--rate", "200", "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 

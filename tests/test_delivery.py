@@ -180,6 +180,36 @@ class TestReplay:
         assert_exactly_once(out, 2, 300)
 
 
+def child_pids(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in task.read_text().split()
+    ]
+
+
+class TestBackendProcessDies:
+    """The backends run in a child process; if it dies, the journal still takes everything."""
+
+    def test_collector_keeps_acknowledging_and_replay_writes_the_rest(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        out = tmp_path / "out"
+        c = collector("--world-size", "2", "--exit-when-done", output_dir=out)
+        (backends,) = child_pids(c.proc.pid)
+        os.kill(backends, signal.SIGKILL)
+        stats = finish(start_ranks(c.endpoint, 2, 300))
+        assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
+        assert c.wait(30) == 1
+        assert "the backends' process exited" in c.log()
+        proc = subprocess.run(
+            [sys.executable, "-m", "ranklog", "replay", "--output-dir", str(out)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert_exactly_once(out, 2, 300)
+
+
 CURVE_RANK = """
 import logging, sys
 from ranklog import ZMQSocketHandler
