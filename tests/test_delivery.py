@@ -145,6 +145,15 @@ class TestDeadRank:
         assert 0 < sum(step_counts(out, 2).values()) < 1500
 
 
+def replay(output_dir: Path, *args: str) -> None:
+    """Run `ranklog replay` on ``output_dir``; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ranklog", "replay", "--output-dir", str(output_dir), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
 class TestReplay:
     """`ranklog replay` rebuilds a backend from the journal."""
 
@@ -159,23 +168,7 @@ class TestReplay:
         for path in out.glob("*.jsonl"):
             if path.name.startswith("training"):
                 path.unlink()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ranklog",
-                "replay",
-                "--output-dir",
-                str(out),
-                "--logger-type",
-                "async",
-                "--from-start",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
+        replay(out, "--logger-type", "async", "--from-start")
         assert (out / "training_params_and_metrics_global1.jsonl").read_text() == original
         assert_exactly_once(out, 2, 300)
 
@@ -202,11 +195,7 @@ class TestBackendProcessDies:
         assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
         assert c.wait(30) == 1
         assert "the backends' process exited" in c.log()
-        proc = subprocess.run(
-            [sys.executable, "-m", "ranklog", "replay", "--output-dir", str(out)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
+        replay(out)
         assert_exactly_once(out, 2, 300)
 
 
