@@ -204,6 +204,15 @@ class Collector:
     def run(self) -> int:
         """Listen, serve until stopped (or done), drain, and return the exit code."""
         self._open_backends()
+        try:
+            self._listen_and_serve()
+        finally:
+            # Also when listening failed: the backends' process must not outlive the loop.
+            self.exit_code = 0 if self._drain() else 1
+            self.journal.close()
+        return self.exit_code
+
+    def _listen_and_serve(self) -> None:
         context = zmq.Context()
         authenticator = self._start_curve(context)
         sock = context.socket(zmq.ROUTER)
@@ -239,9 +248,6 @@ class Collector:
                 authenticator.stop()
             context.term()
             self._ready.set()
-        self.exit_code = 0 if self._drain() else 1
-        self.journal.close()
-        return self.exit_code
 
     def _start_curve(self, context: zmq.Context[Any]) -> Any:
         """With CURVE keys, start ZeroMQ's authenticator: only allowed client keys connect."""
