@@ -10,7 +10,7 @@ OFFSET_ATTR = "ranklog_offset"
 
 
 # Every attribute LogRecord.__init__ sets, as it sets them for a record with no source
-# location; build_record fills in the rest. Copying this is a third of __init__'s cost.
+# location; build_record fills in the rest. Copying it costs a third of what __init__ does.
 _TEMPLATE = logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
 _START = getattr(logging, "_startTime", time.time())
 
@@ -21,30 +21,28 @@ def build_record(envelope: dict[str, Any], offset: int) -> logging.LogRecord:
     ``offset`` is where the record ends in the journal: backends use it to know what they
     already wrote.
     """
-    record = logging.LogRecord.__new__(logging.LogRecord)
-    attrs = record.__dict__
-    attrs.update(_TEMPLATE)
-    attrs.update(envelope["extra"])
+    attrs = _TEMPLATE.copy()
+    attrs.update(envelope["extra"])  # first: the fields below always win
     level = envelope["level"]
     created = envelope["time"]
-    attrs.update(
-        name=envelope["logger"],
-        msg=envelope["msg"],
-        levelno=level,
-        levelname=logging.getLevelName(level),
-        created=created,
-        msecs=(created - int(created)) * 1000,
-        relativeCreated=(created - _START) * 1000,
-        process=envelope["pid"],
-        step=envelope["step"],
-        hparams=envelope["hparams"],
-        rank=envelope["rank"],
-        local_rank=envelope["local_rank"],
-        world_size=envelope["world_size"],
-        host=envelope["host"],
-        run_id=envelope["run"],
-    )
+    attrs["name"] = envelope["logger"]
+    attrs["msg"] = envelope["msg"]
+    attrs["levelno"] = level
+    attrs["levelname"] = logging.getLevelName(level)
+    attrs["created"] = created
+    attrs["msecs"] = (created - int(created)) * 1000
+    attrs["relativeCreated"] = (created - _START) * 1000
+    attrs["process"] = envelope["pid"]
+    attrs["step"] = envelope["step"]
+    attrs["hparams"] = envelope["hparams"]
+    attrs["rank"] = envelope["rank"]
+    attrs["local_rank"] = envelope["local_rank"]
+    attrs["world_size"] = envelope["world_size"]
+    attrs["host"] = envelope["host"]
+    attrs["run_id"] = envelope["run"]
     attrs[OFFSET_ATTR] = offset
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__ = attrs
     return record
 
 
