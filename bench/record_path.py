@@ -49,7 +49,7 @@ def main() -> int:
     frame = RecordEncoder(identity).record(7, record)
     assert isinstance(frame, bytes)
     envelope = decode(frame)
-    rebuilt = build_record(envelope, 0)
+    rebuilt = build_record(envelope, 0, 0)
 
     with tempfile.TemporaryDirectory() as scratch:
         journal = Journal(Path(scratch) / "journal.bin")
@@ -74,7 +74,7 @@ def main() -> int:
             ("backends", "decode a journal entry", True,
              _per_call_us(lambda: decode_journaled(frame))),
             ("backends", "build the LogRecord", True,
-             _per_call_us(lambda: build_record(envelope, 0))),
+             _per_call_us(lambda: build_record(envelope, 0, 0))),
             ("backends", "AsyncStructuredHandler.handle (JSONL line)", True,
              _per_call_us(lambda: handler.handle(rebuilt))),
         ]  # fmt: skip

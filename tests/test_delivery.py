@@ -93,11 +93,38 @@ class TestCollectorCrash:
         assert_exactly_once(out, 4, 4000)
         tensorboard_steps = tensorboard_loss_steps(out / "crash")
         assert sorted(tensorboard_steps) == list(range(4000))  # rank 0's, each step once
-        # A collector killed while wandb was starting leaves a run folder with no log in it.
+        # A collector killed while wandb was starting leaves a run folder with no log in it,
+        # or a log with no run record yet: no rows either way.
         segments = [read_run(p) for p in offline_runs(out) if any(p.glob("run-*.wandb"))]
+        assert not [run.history for run in segments if not run.run_id and run.history]
+        segments = [run for run in segments if run.run_id]
         assert len({run.run_id for run in segments}) == 1  # one run, resumed after each crash
         wandb_steps = [row["_step"] for run in segments for row in run.history]
         assert sorted(wandb_steps) == list(range(4000))
+
+    @pytest.mark.parametrize("policy", ["first", "mean"])
+    def test_cross_rank_policies_resume_exactly_once(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path, policy: str
+    ) -> None:
+        """`first` remembers the steps still open at its checkpoint (else a second rank's
+        value would pass as another "first"); `mean` resumes at the oldest step it held."""
+        endpoint, out = free_endpoint(), tmp_path / "out"
+        args = ("--world-size", "4", "--exit-when-done", "--logger-type", "tensorboard",
+                "--policy", f"tensorboard={policy}", "--run-name", policy,
+                *COLLECT_ARGS)  # fmt: skip
+        c = collector(*args, bind=endpoint, output_dir=out)
+        ranks = start_ranks(endpoint, 4, 3000, "--rate", "1000", "--close-timeout", "60")
+        for pause in (1.2, 1.2):
+            time.sleep(pause)
+            c.terminate(signal.SIGKILL)
+            c.wait(10)
+            c = collector(*args, bind=endpoint, output_dir=out)
+        finish(ranks)
+        assert c.wait(timeout=60) == 0, c.log()
+        steps = Counter(tensorboard_loss_steps(out / policy))
+        doubled = {step: n for step, n in steps.items() if n > 1}
+        assert not doubled, f"{len(doubled)} steps written twice, e.g. {list(doubled)[:5]}"
+        assert sorted(steps) == list(range(3000))
 
 
 class TestLateCollector:

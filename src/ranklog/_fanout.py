@@ -84,17 +84,31 @@ class JournalBackend(logging.Handler):
             earlier = restore(saved.get("backend"), from_start=from_start)
             if earlier is not None:
                 saved["offset"] = min(int(saved["offset"]), earlier)
-        if self.policy is not None and not from_start:
-            self.policy.restore(saved.get("policy"))
         if from_start:
             saved = {"offset": 0}
+        elif self.policy is not None:
+            self.policy.restore(saved.get("policy"))
         if hasattr(self.inner, "rewind_to") and hasattr(self.inner, "raise_os_errors"):
             self.inner.raise_os_errors = True  # write errors come back here, see _rewind
         self._last_checkpoint = saved
         if hasattr(self.inner, "on_new_file"):
-            self.inner.on_new_file = self._write_checkpoint
+            self.inner.on_new_file = self._register_new_file
         self.offset = int(saved["offset"])
+        if self.policy is not None and not from_start:
+            self._remind_policy(self.policy)
         self._thread.start()
+
+    def _remind_policy(self, policy: RankPolicy) -> None:
+        """Show a restarted policy the records before its checkpoint that it still has to
+        remember (``first``: the steps that were still open), handing nothing on."""
+        remember_from = policy.remember_from()
+        if remember_from is None or self._journal_path is None:
+            return
+        now = time.monotonic()
+        for start, end, frame in read_entries(self._journal_path, remember_from, self.offset):
+            record = self._record(frame, start, end)
+            if record is not None:
+                self._policy_step(policy.accept, record, now)
 
     def advance(self, durable_end: int) -> None:
         """The journal is durable up to ``durable_end``: read on to there."""
@@ -149,21 +163,21 @@ class JournalBackend(logging.Handler):
                 (end - self.offset) / (1 << 20),
             )
         entries = read_entries(self._journal_path, self.offset, end)
-        for count, (_, entry_end, frame) in enumerate(entries, 1):
-            record = self._record(frame, entry_end)
+        for count, (entry_start, entry_end, frame) in enumerate(entries, 1):
+            record = self._record(frame, entry_start, entry_end)
             if record is not None:
                 self._take(record)
             self.offset = entry_end
             if count == _CHUNK_ENTRIES:
                 break
 
-    def _record(self, frame: bytes, offset: int) -> logging.LogRecord | None:
+    def _record(self, frame: bytes, start: int, end: int) -> logging.LogRecord | None:
         """The LogRecord of a journaled record, if it reaches this backend."""
         try:
             envelope = decode_journaled(frame)
             if envelope["kind"] != RECORD:
                 return None  # a goodbye
-            record = build_record(envelope, offset)
+            record = build_record(envelope, start, end)
         except Exception:
             self._failure("could not read a journal entry")
             return None
@@ -223,8 +237,8 @@ class JournalBackend(logging.Handler):
                 self.inner.flush()
             held = self.policy.held_from() if self.policy is not None else None
             state = {
-                # Records a policy still holds were not written: resume before the oldest.
-                "offset": self.offset if held is None else held - 1,
+                # Records a policy still holds were not written: resume at the oldest.
+                "offset": self.offset if held is None else held,
                 "backend": checkpoint() if checkpoint is not None else None,
                 "policy": self.policy.checkpoint() if self.policy is not None else None,
             }
@@ -242,6 +256,25 @@ class JournalBackend(logging.Handler):
         if self._write_error is not None and self._last_checkpoint is state:
             _log.warning("backend %s writes again", self.name)
             self._write_error = None
+
+    def _register_new_file(self) -> None:
+        """The backend opened a file (before writing to it): add it, at its size now, to the
+        last checkpoint, so that a restart cuts it back too.
+
+        Position, policy state and the other files stay as they were checkpointed: this runs
+        in the middle of handing on records (a policy may have emitted more than is written
+        yet), so only the last checkpoint is known to be consistent."""
+        assert self._checkpoint_path is not None and self._last_checkpoint is not None
+        now = self.inner.checkpoint()["files"]  # type: ignore[attr-defined]
+        last = self._last_checkpoint
+        files = dict((last.get("backend") or {}).get("files", {}))
+        for path, size in now.items():
+            files.setdefault(path, size)
+        state = {**last, "backend": {**(last.get("backend") or {}), "files": files}}
+        tmp = self._checkpoint_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._checkpoint_path)
+        self._last_checkpoint = state
 
     def _can_rewind(self) -> bool:
         return self._last_checkpoint is not None and getattr(self.inner, "raise_os_errors", False)

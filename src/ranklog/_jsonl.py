@@ -132,7 +132,7 @@ class AsyncStructuredHandler(logging.Handler):
         self._truncate_others = False
         self._opened_at: dict[str, int] = {}
         self.on_new_file: Callable[[], None] | None = None
-        # In the collector a write error (a full disk) must reach the backend's queue thread,
+        # In the collector a write error (a full disk) must reach the backend's thread,
         # which rewinds to the last checkpoint and retries from the journal.
         self.raise_os_errors = False
         self._stop = threading.Event()

@@ -1,6 +1,6 @@
 """Rank policies: which ranks' records reach one backend, and how they are merged.
 
-A policy is a small stage that runs on its backend's own queue thread, in front of the
+A policy is a small stage that runs on its backend's own thread, in front of the
 backend handler. It takes the records of every rank and hands on what that backend should
 see::
 
@@ -37,7 +37,7 @@ from typing import Any
 from ranklog._errors import ConfigError
 from ranklog._filters import IsRank0Filter
 from ranklog._flatten import flatten_dict
-from ranklog._records import OFFSET_ATTR
+from ranklog._records import START_ATTR
 
 _log = logging.getLogger("ranklog.collector")
 
@@ -100,7 +100,7 @@ def _derived(record: logging.LogRecord, msg: Any, **attrs: Any) -> logging.LogRe
 class RankPolicy:
     """Base policy: every record passes, hyper-parameters once.
 
-    The backend's queue thread calls :meth:`accept` for each record, :meth:`due` when
+    The backend's thread calls :meth:`accept` for each record, :meth:`due` when
     :meth:`next_deadline` passes, and :meth:`drain` on shutdown; each returns the records
     to hand to the backend, in order. Only that one thread touches a policy.
     """
@@ -130,7 +130,7 @@ class RankPolicy:
         return []
 
     def held_from(self) -> int | None:
-        """Journal offset of the oldest record held back (not yet handed on), if any."""
+        """Journal offset (entry start) of the oldest record held back, if any."""
         return None
 
     def checkpoint(self) -> dict[str, Any] | None:
@@ -139,6 +139,11 @@ class RankPolicy:
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Take back a :meth:`checkpoint` before the journal is replayed."""
+
+    def remember_from(self) -> int | None:
+        """After :meth:`restore`: the journal offset from which the policy must see again,
+        without handing anything on, the records before its checkpoint (None: none)."""
+        return None
 
     def _admit(self, record: logging.LogRecord) -> bool:
         return True
@@ -185,6 +190,15 @@ class AllRanksPolicy(RankPolicy):
         return [_derived(record, {prefix + k: v for k, v in flatten_dict(record.msg).items()})]
 
 
+@dataclass
+class _FirstStep:
+    """What ``first`` remembers of one (logger, step)."""
+
+    start: int  # journal offset of its first record
+    keys: set[str] = field(default_factory=set)
+    ranks: set[int] = field(default_factory=set)
+
+
 class FirstPolicy(RankPolicy):
     """The first value for each (logger, step, key), from whichever rank sent it first."""
 
@@ -194,23 +208,39 @@ class FirstPolicy(RankPolicy):
 
     def __init__(self, backend: str = "") -> None:
         super().__init__(backend)
-        self._seen: OrderedDict[tuple[str, int], set[str]] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int], _FirstStep] = OrderedDict()
+        self._world_size = 1
+        self._remember_from: int | None = None
 
     def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
         step = getattr(record, "step", None)
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if _rank(record) == 0 else []
+        self._world_size = max(self._world_size, int(getattr(record, "world_size", None) or 1))
         seen = self._seen.get((record.name, step))
         if seen is None:
-            seen = self._seen[(record.name, step)] = set()
+            seen = self._seen[(record.name, step)] = _FirstStep(getattr(record, START_ATTR, 0))
             if len(self._seen) > self.window:
                 self._seen.popitem(last=False)
+        seen.ranks.add(_rank(record))
         flat = flatten_dict(record.msg)
-        fresh = {k: v for k, v in flat.items() if k not in seen}
-        seen.update(fresh)
+        fresh = {k: v for k, v in flat.items() if k not in seen.keys}
+        seen.keys.update(fresh)
         if not fresh:
             return []
         return [record if len(fresh) == len(flat) else _derived(record, fresh)]
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        # A step every rank has reported is done; the open ones must be remembered across a
+        # restart, or a rank's value after the checkpoint would pass as a second "first".
+        open_steps = [s.start for s in self._seen.values() if len(s.ranks) < self._world_size]
+        return {"remember_from": min(open_steps, default=None)}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        self._remember_from = (state or {}).get("remember_from")
+
+    def remember_from(self) -> int | None:
+        return self._remember_from
 
 
 @dataclass(order=True)
@@ -273,7 +303,7 @@ class ReducePolicy(RankPolicy):
         groups = self._open.setdefault((record.name, step), [])
         group = next((g for g in groups if rank not in g.ranks), None)
         if group is None:
-            offset = getattr(record, OFFSET_ATTR, 0)
+            offset = getattr(record, START_ATTR, 0)
             group = _Step(step, next(self._order), offset, record.name, now + self.timeout, record)
             groups.append(group)
             heapq.heappush(self._heap, group)

@@ -6,7 +6,8 @@ import logging
 import time
 from typing import Any
 
-OFFSET_ATTR = "ranklog_offset"
+OFFSET_ATTR = "ranklog_offset"  # where the record's journal entry ends
+START_ATTR = "ranklog_start"  # where it starts: where to read again to see it again
 
 
 # Every attribute LogRecord.__init__ sets, as it sets them for a record with no source
@@ -15,11 +16,11 @@ _TEMPLATE = logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
 _START = getattr(logging, "_startTime", time.time())
 
 
-def build_record(envelope: dict[str, Any], offset: int) -> logging.LogRecord:
+def build_record(envelope: dict[str, Any], start: int, end: int) -> logging.LogRecord:
     """The LogRecord a rank logged, with its origin as attributes.
 
-    ``offset`` is where the record ends in the journal: backends use it to know what they
-    already wrote.
+    ``start`` and ``end`` are where the record's entry lies in the journal: backends and
+    their policies use them to know what they already wrote, and where to resume.
     """
     attrs = _TEMPLATE.copy()
     attrs.update(envelope["extra"])  # first: the fields below always win
@@ -40,7 +41,8 @@ def build_record(envelope: dict[str, Any], offset: int) -> logging.LogRecord:
     attrs["world_size"] = envelope["world_size"]
     attrs["host"] = envelope["host"]
     attrs["run_id"] = envelope["run"]
-    attrs[OFFSET_ATTR] = offset
+    attrs[OFFSET_ATTR] = end
+    attrs[START_ATTR] = start
     record = logging.LogRecord.__new__(logging.LogRecord)
     record.__dict__ = attrs
     return record
