@@ -70,18 +70,23 @@ class BackendProcess:
             raise ConfigError(ready.get("error", f"the backends' process exited (status {code})"))
         self.names: list[str] = ready["backends"]
         self._lost = False
+        self._announced = -1
         # Announcements never block the receive loop: one that does not fit in the pipe is
-        # skipped, the next carries a later end.
+        # left for the next call, which carries the latest end.
         os.set_blocking(self._stdin.fileno(), False)
 
     def advance(self, durable_end: int) -> None:
-        """Tell the backends the journal is durable up to ``durable_end``."""
+        """Tell the backends the journal is durable up to ``durable_end`` (cheap to call
+        again with the same end: only news is written)."""
+        if durable_end <= self._announced:
+            return
         try:
             os.write(self._stdin.fileno(), b"%d\n" % durable_end)
         except BlockingIOError:
-            pass
+            return  # the pipe is full: the next call tries again
         except OSError:
             self._report_lost()
+        self._announced = durable_end
 
     def _report_lost(self) -> None:
         if not self._lost:

@@ -285,6 +285,8 @@ class Collector:
                         break
                     self._receive(frames, batch)
                 self._commit(sock, batch)
+            assert self._backends is not None
+            self._backends.advance(self.journal.durable_end)  # if a full pipe held it back
             now = time.monotonic()
             self._check_liveness(now)
             if now >= next_status:
