@@ -126,6 +126,35 @@ class TestCollectorCrash:
         assert not doubled, f"{len(doubled)} steps written twice, e.g. {list(doubled)[:5]}"
         assert sorted(steps) == list(range(3000))
 
+    def test_file_shorter_than_its_checkpoint_is_rebuilt(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        """A machine crash can lose written bytes that a checkpoint already counted."""
+        endpoint, out = free_endpoint(), tmp_path / "out"
+        args = ("--world-size", "2", "--exit-when-done", *COLLECT_ARGS)
+        c = collector(*args, bind=endpoint, output_dir=out)
+        ranks = start_ranks(endpoint, 2, 3000, "--rate", "1000", "--close-timeout", "60")
+        checkpoint = out / ".ranklog" / "backend-async.json"
+
+        def checkpointed_sizes() -> dict[str, int]:
+            return (
+                json.loads(checkpoint.read_text())["backend"]["files"]
+                if checkpoint.exists()
+                else {}
+            )
+
+        wait_for(lambda: len([s for s in checkpointed_sizes().values() if s > 0]) == 2, 30)
+        c.terminate(signal.SIGKILL)
+        c.wait(10)
+        sizes = checkpointed_sizes()
+        shortened = next(iter(sizes))
+        os.truncate(shortened, sizes[shortened] // 2)  # the tail the disk never got
+        c = collector(*args, bind=endpoint, output_dir=out)
+        finish(ranks)
+        assert c.wait(timeout=60) == 0, c.log()
+        assert_exactly_once(out, 2, 3000)
+        assert "shorter than at its last checkpoint; rebuilding" in c.log()
+
 
 class TestLateCollector:
     """Ranks that start before the collector lose nothing."""

@@ -34,6 +34,14 @@ _BEHIND_WARNING_BYTES = 8 << 20
 _BEHIND_WARNING_EVERY = 30.0
 
 
+def _shortened_file(backend_state: dict[str, Any] | None) -> str | None:
+    """A file a checkpoint lists that is now missing or shorter than it was then."""
+    for path, size in ((backend_state or {}).get("files") or {}).items():
+        if not os.path.exists(path) or os.path.getsize(path) < size:
+            return str(path)
+    return None
+
+
 class _Rewound(Exception):
     """The backend hit a write error and went back to its last checkpoint."""
 
@@ -78,6 +86,18 @@ class JournalBackend(logging.Handler):
         saved: dict[str, Any] = {"offset": 0}
         if self._checkpoint_path.exists():
             saved = json.loads(self._checkpoint_path.read_text())
+        lost = None if from_start else _shortened_file(saved.get("backend"))
+        if lost is not None:
+            # The checkpoint promised more than the file holds: written data did not survive
+            # (a machine crash before the page cache reached the disk). Only a rebuild from
+            # the journal is known to be exact.
+            _log.warning(
+                "backend %s: %s is shorter than at its last checkpoint; rebuilding the "
+                "backend from the journal",
+                self.name,
+                lost,
+            )
+            from_start = True
         restore = getattr(self.inner, "restore", None)
         if restore is not None:
             # A backend that writes asynchronously may know better how far it really got.
