@@ -76,6 +76,7 @@ class JournalBackend(logging.Handler):
         self._retry_at = 0.0
         self._write_error: str | None = None
         self._next_behind_warning = 0.0
+        self._unreadable_at: int | None = None
         self._reach_cache: dict[tuple[str, int], bool] = {}
         self._thread = threading.Thread(target=self._run, name=f"backend-{self.name}", daemon=True)
 
@@ -183,6 +184,7 @@ class JournalBackend(logging.Handler):
                 (end - self.offset) / (1 << 20),
             )
         entries = read_entries(self._journal_path, self.offset, end)
+        count = 0
         for count, (entry_start, entry_end, frame) in enumerate(entries, 1):
             record = self._record(frame, entry_start, entry_end)
             if record is not None:
@@ -190,6 +192,17 @@ class JournalBackend(logging.Handler):
             self.offset = entry_end
             if count == _CHUNK_ENTRIES:
                 break
+        if count == 0:
+            # An entry below the durable end that does not read back (damaged on disk):
+            # never spin on it; say so and look again now and then.
+            self._retry_at = time.monotonic() + _RETRY_AFTER
+            if self._unreadable_at != self.offset:
+                self._unreadable_at = self.offset
+                _log.error(
+                    "backend %s: the journal does not read back at offset %d; retrying",
+                    self.name,
+                    self.offset,
+                )
 
     def _record(self, frame: bytes, start: int, end: int) -> logging.LogRecord | None:
         """The LogRecord of a journaled record, if it reaches this backend."""
