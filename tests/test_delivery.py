@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -333,24 +333,6 @@ class TestCurve:
         c.terminate()
         assert c.wait(30) == 0
         assert [row["step"] for row in read_jsonl(out)] == list(range(200))
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MiB tmpfs: a disk that can really fill up."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount_point
-    if os.environ.get("RANKLOG_KEEP_DISK"):
-        subprocess.run(["cp", "-a", str(mount_point), str(tmp_path / "disk-copy")], check=False)
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 class TestFullDisk:

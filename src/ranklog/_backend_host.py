@@ -100,16 +100,27 @@ class BackendProcess:
     def drain(self, durable_end: int, timeout: float) -> bool:
         """Let every backend read to ``durable_end`` and close within ``timeout`` seconds
         (the child abandons one that does not); True if all did."""
-        os.set_blocking(self._stdin.fileno(), True)
+        deadline = time.monotonic() + timeout + _EXIT_GRACE
+        command = b"drain %d\n" % durable_end
         try:
-            self._stdin.write(b"drain %d\n" % durable_end)
+            # Non-blocking still: a child that stopped reading must not hang the collector.
+            while True:
+                try:
+                    os.write(self._stdin.fileno(), command)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError from None
+                    time.sleep(0.01)
             self._stdin.close()
-        except OSError:
-            self._report_lost()
-        try:
-            code = self._proc.wait(timeout + _EXIT_GRACE)
-        except subprocess.TimeoutExpired:
+            code = self._proc.wait(max(0.0, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, TimeoutError):  # (TimeoutError is an OSError)
             _log.error("the backends' process did not exit; killing it")
+            self._proc.kill()
+            self._proc.wait()
+            return False
+        except OSError:  # the pipe is gone: so is the child
+            self._report_lost()
             self._proc.kill()
             self._proc.wait()
             return False

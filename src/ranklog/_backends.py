@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import logging.config
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def _policy_for(
     policies: Mapping[str, str],
     world_size: int | None,
     policy_timeout: float,
-) -> RankPolicy | None:
+) -> Callable[[], RankPolicy] | None:
+    """What makes the handler's rank policy (a fresh one each call), if it has one."""
     name = handler.get_name() or type(handler).__name__
     # --policy first, then a config file's choice (its "." key sets ``rank_policy`` on the
     # handler), then the class default (TensorBoard, W&B: rank0). Other handlers, like a
@@ -99,7 +101,8 @@ def _policy_for(
         return None
     from ranklog._jsonl import AsyncStructuredHandler
 
-    return make_policy(
+    return functools.partial(
+        make_policy,
         spec,
         name,
         rename=not isinstance(handler, AsyncStructuredHandler),  # it writes a file per rank

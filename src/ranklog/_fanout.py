@@ -14,14 +14,14 @@ so nothing is written twice or lost.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ranklog import _checkpoint
 from ranklog._codec import RECORD, decode_journaled
 from ranklog._journal import read_entries
 from ranklog._policy import RankPolicy
@@ -34,33 +34,32 @@ _BEHIND_WARNING_BYTES = 8 << 20
 _BEHIND_WARNING_EVERY = 30.0
 
 
-def _shortened_file(backend_state: dict[str, Any] | None) -> str | None:
-    """A file a checkpoint lists that is now missing or shorter than it was then."""
-    for path, size in ((backend_state or {}).get("files") or {}).items():
-        if not os.path.exists(path) or os.path.getsize(path) < size:
-            return str(path)
-    return None
-
-
 class _Rewound(Exception):
     """The backend hit a write error and went back to its last checkpoint."""
 
 
 class JournalBackend(logging.Handler):
-    """Runs ``inner`` (and ``policy``, if any) on a thread that reads the journal.
+    """Runs ``inner`` (and a rank policy, if any) on a thread that reads the journal.
 
     It stands in for ``inner`` in the logger tree, so that :func:`reaches` knows which
     records ``inner`` gets; records logged in this process itself (an SDK's own warnings)
-    are not metric records and are ignored.
+    are not metric records and are ignored. ``policy`` makes a fresh policy: one is made
+    again, from the checkpoint, whenever the backend goes back to it (a restart, a rewind).
     """
 
     def __init__(
-        self, inner: logging.Handler, *, name: str = "", policy: RankPolicy | None = None
+        self,
+        inner: logging.Handler,
+        *,
+        name: str = "",
+        policy: Callable[[], RankPolicy] | None = None,
     ) -> None:
         super().__init__(logging.NOTSET)
         self.inner = inner
         self.name = name or inner.get_name() or type(inner).__name__
-        self.policy = policy
+        self._new_policy = policy
+        self.policy = policy() if policy is not None else None
+        self._resume_pending = False  # the policy must be rebuilt from the last checkpoint
         self.failed = 0
         self.abandoned = False
         self.offset = 0  # journal position read through
@@ -84,21 +83,19 @@ class JournalBackend(logging.Handler):
         """Resume from this backend's checkpoint (or from the journal's start), and start."""
         self._journal_path = journal
         self._checkpoint_path = state_dir / f"backend-{self.name}.json"
-        saved: dict[str, Any] = {"offset": 0}
-        if self._checkpoint_path.exists():
-            saved = json.loads(self._checkpoint_path.read_text())
-        lost = None if from_start else _shortened_file(saved.get("backend"))
-        if lost is not None:
-            # The checkpoint promised more than the file holds: written data did not survive
-            # (a machine crash before the page cache reached the disk). Only a rebuild from
-            # the journal is known to be exact.
+        saved = _checkpoint.load(self._checkpoint_path, str(self.name))
+        lost = None if saved is None else _checkpoint.shortened_file(saved.get("backend"))
+        if saved is None or lost is not None:
+            # The checkpoint promised more than the files hold (a machine crash before the
+            # page cache reached the disk), or cannot be read: only a rebuild from the
+            # journal is known to be exact.
             _log.warning(
-                "backend %s: %s is shorter than at its last checkpoint; rebuilding the "
-                "backend from the journal",
+                "backend %s: %s; rebuilding the backend from the journal",
                 self.name,
-                lost,
+                f"{lost} is shorter than at its last checkpoint" if lost else "no checkpoint",
             )
             from_start = True
+        saved = saved or {"offset": 0}
         restore = getattr(self.inner, "restore", None)
         if restore is not None:
             # A backend that writes asynchronously may know better how far it really got.
@@ -106,30 +103,39 @@ class JournalBackend(logging.Handler):
             if earlier is not None:
                 saved["offset"] = min(int(saved["offset"]), earlier)
         if from_start:
-            saved = {"offset": 0}
-        elif self.policy is not None:
-            self.policy.restore(saved.get("policy"))
+            # Its files stay listed, emptied: a crash during the rebuild still cuts them back.
+            saved = {"offset": 0, "backend": _checkpoint.emptied(saved.get("backend"))}
         if hasattr(self.inner, "rewind_to") and hasattr(self.inner, "raise_os_errors"):
             self.inner.raise_os_errors = True  # write errors come back here, see _rewind
         self._last_checkpoint = saved
         if hasattr(self.inner, "on_new_file"):
             self.inner.on_new_file = self._register_new_file
         self.offset = int(saved["offset"])
-        if self.policy is not None and not from_start:
-            self._remind_policy(self.policy)
+        self._resume_pending = self._new_policy is not None
         self._thread.start()
 
-    def _remind_policy(self, policy: RankPolicy) -> None:
-        """Show a restarted policy the records before its checkpoint that it still has to
-        remember (``first``: the steps that were still open), handing nothing on."""
-        remember_from = policy.remember_from()
-        if remember_from is None or self._journal_path is None:
-            return
-        now = time.monotonic()
-        for start, end, frame in read_entries(self._journal_path, remember_from, self.offset):
-            record = self._record(frame, start, end)
-            if record is not None:
-                self._policy_step(policy.accept, record, now)
+    def _resume_policy(self) -> None:
+        """Make the policy again as it was at the last checkpoint: its own state, the records
+        it held then (taken again, in order), and the records before the checkpoint it must
+        remember (``first``: the steps it has seen; shown again, nothing handed on)."""
+        assert self._new_policy is not None and self._journal_path is not None
+        saved = (self._last_checkpoint or {}).get("policy") or {}
+        policy = self.policy = self._new_policy()
+        policy.restore(saved.get("state"))
+        held = set(saved.get("held", ()))
+        remember = saved.get("remember_from")
+        begin = min([*held, *([remember] if remember is not None else [])], default=None)
+        if begin is not None:
+            now = time.monotonic()
+            for start, end, frame in read_entries(self._journal_path, begin, self.offset):
+                record = self._record(frame, start, end)
+                if record is None:
+                    continue
+                if start in held:
+                    self._deliver(self._policy_step(policy.accept, record, now))
+                elif remember is not None and start >= remember:
+                    self._policy_step(policy.accept, record, now)
+        self._resume_pending = False
 
     def advance(self, durable_end: int) -> None:
         """The journal is durable up to ``durable_end``: read on to there."""
@@ -160,13 +166,20 @@ class JournalBackend(logging.Handler):
                     self._wake.wait(max(0.0, self._next_wake(now) - now))
                 end, closing = self._durable_end, self._closing
             now = time.monotonic()
-            with contextlib.suppress(_Rewound):
-                if self.policy is not None:
+            try:
+                if self._resume_pending and now >= self._retry_at:
+                    self._resume_policy()
+                if self.policy is not None and not self._resume_pending:
                     self._deliver(self._policy_step(self.policy.due, now))
                 if self.offset < end and now >= self._retry_at:
                     self._follow(end, now)
                 if time.monotonic() >= self._next_checkpoint:
                     self._checkpoint_or_rewind()
+            except _Rewound:
+                pass
+            except Exception:  # a bug must cost a record, never the backend
+                self._failure("failed")
+                time.sleep(0.1)
             if closing and self.offset >= end:
                 break
             if closing and self._retry_at > now:
@@ -217,7 +230,11 @@ class JournalBackend(logging.Handler):
         key = (record.name, record.levelno)
         reached = self._reach_cache.get(key)
         if reached is None:
-            reached = reaches(self, record)
+            try:
+                reached = reaches(self, record)  # runs the logger's filters, which may raise
+            except Exception:
+                self._failure("could not route a record (a logger filter failed)")
+                return None
             if not logging.getLogger(record.name).filters:  # else it depends on the record
                 self._reach_cache[key] = reached
         return record if reached else None
@@ -253,33 +270,43 @@ class JournalBackend(logging.Handler):
         with contextlib.suppress(OSError):  # if it fails, it is cut back on the next attempt
             self.inner.rewind_to(saved.get("backend"))  # type: ignore[attr-defined]
         self.offset = int(saved["offset"])
+        self._resume_pending = self._new_policy is not None  # its memory is past the checkpoint
         self._retry_at = time.monotonic() + _RETRY_AFTER
         raise _Rewound from error
 
     def _write_checkpoint(self) -> None:
         """Flush the backend, then record how far it got (atomically).
 
-        Also called by the backend when it opens a new file; an OSError (a full disk)
-        propagates to the caller, which rewinds."""
+        An OSError (a full disk) propagates to the caller, which rewinds."""
         if self._checkpoint_path is None:
             return
         self._next_checkpoint = time.monotonic() + self.checkpoint_interval
+        if self._resume_pending:
+            return  # back at the last checkpoint, waiting to retry: nothing new to record
         try:
             checkpoint = getattr(self.inner, "checkpoint", None)
             if checkpoint is None:
                 self.inner.flush()
-            held = self.policy.held_from() if self.policy is not None else None
+            last = self._last_checkpoint or {}
+            policy = self.policy
             state = {
-                # Records a policy still holds were not written: resume at the oldest.
-                "offset": self.offset if held is None else held,
-                "backend": checkpoint() if checkpoint is not None else None,
-                "policy": self.policy.checkpoint() if self.policy is not None else None,
+                "offset": self.offset,
+                "backend": (
+                    _checkpoint.merged(last.get("backend"), checkpoint())
+                    if checkpoint is not None
+                    else None
+                ),
+                "policy": None
+                if policy is None
+                else {
+                    "state": policy.checkpoint(),
+                    "held": policy.held_starts(),
+                    "remember_from": policy.remember_from(),
+                },
             }
             if state == self._last_checkpoint:
                 return
-            tmp = self._checkpoint_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, self._checkpoint_path)
+            _checkpoint.save(self._checkpoint_path, state)
             self._last_checkpoint = state
         except OSError:
             raise
@@ -298,15 +325,12 @@ class JournalBackend(logging.Handler):
         in the middle of handing on records (a policy may have emitted more than is written
         yet), so only the last checkpoint is known to be consistent."""
         assert self._checkpoint_path is not None and self._last_checkpoint is not None
-        now = self.inner.checkpoint()["files"]  # type: ignore[attr-defined]
         last = self._last_checkpoint
-        files = dict((last.get("backend") or {}).get("files", {}))
-        for path, size in now.items():
-            files.setdefault(path, size)
-        state = {**last, "backend": {**(last.get("backend") or {}), "files": files}}
-        tmp = self._checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._checkpoint_path)
+        now = self.inner.checkpoint()  # type: ignore[attr-defined]
+        new_files = {p: size for p, size in now.get("files", {}).items()}
+        backend = _checkpoint.merged({"files": new_files}, last.get("backend") or {})
+        state = {**last, "backend": backend}
+        _checkpoint.save(self._checkpoint_path, state)
         self._last_checkpoint = state
 
     def _can_rewind(self) -> bool:
@@ -338,17 +362,28 @@ class JournalBackend(logging.Handler):
     def _finish(self) -> None:
         # Closing on this thread, not the caller's: an SDK that hangs in close (a W&B
         # finish that cannot reach its server) must not hold up the collector's shutdown.
-        with contextlib.suppress(_Rewound):
+        settled = False
+        try:
+            if self._resume_pending:
+                self._resume_policy()
             if self.policy is not None:
                 self._deliver(self._policy_step(self.policy.drain))
-            self._checkpoint_or_rewind()
+            self._write_checkpoint()
+            settled = True
+        except _Rewound:
+            pass  # what is not written stays in the journal: the next start writes it
+        except OSError as exc:
+            with contextlib.suppress(_Rewound):
+                if self._can_rewind():
+                    self._rewind(exc)
+            self._failure("could not write its last checkpoint")
         try:
             self.inner.flush()
             self.inner.close()
         except Exception:
             _log.exception("backend %s failed to close", self.name)
             return
-        self._closed_cleanly = True
+        self._closed_cleanly = settled
 
     # -- shutdown --------------------------------------------------------------------------
 

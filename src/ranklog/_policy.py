@@ -129,21 +129,25 @@ class RankPolicy:
         """Everything still held, for shutdown."""
         return []
 
-    def held_from(self) -> int | None:
-        """Journal offset (entry start) of the oldest record held back, if any."""
+    # A restarted policy is made new, given its :meth:`checkpoint` back (:meth:`restore`),
+    # then the records it held (:meth:`held_starts`) are taken again in journal order, and
+    # those from :meth:`remember_from` on are shown to it with nothing handed on.
+
+    def held_starts(self) -> list[int]:
+        """Journal offsets (entry starts) of the records held back, not yet handed on."""
+        return []
+
+    def remember_from(self) -> int | None:
+        """Journal offset (entry start) from which a restarted policy must see the records
+        again to remember what it already handed on (None: it needs none)."""
         return None
 
     def checkpoint(self) -> dict[str, Any] | None:
-        """What a restarted policy needs to not hand on again what it already did."""
+        """What a restarted policy needs besides the records (see above)."""
         return None
 
     def restore(self, state: dict[str, Any] | None) -> None:
-        """Take back a :meth:`checkpoint` before the journal is replayed."""
-
-    def remember_from(self) -> int | None:
-        """After :meth:`restore`: the journal offset from which the policy must see again,
-        without handing anything on, the records before its checkpoint (None: none)."""
-        return None
+        """Take back a :meth:`checkpoint`."""
 
     def _admit(self, record: logging.LogRecord) -> bool:
         return True
@@ -196,33 +200,29 @@ class _FirstStep:
 
     start: int  # journal offset of its first record
     keys: set[str] = field(default_factory=set)
-    ranks: set[int] = field(default_factory=set)
 
 
 class FirstPolicy(RankPolicy):
     """The first value for each (logger, step, key), from whichever rank sent it first."""
 
     name = "first"
-    # Steps remembered; a step older than this many distinct steps counts as new again.
-    window = 4096
+    # Steps remembered; a step older than this many distinct steps counts as new again. A
+    # restart reads back the records of these steps, so it also bounds that work.
+    window = 1024
 
     def __init__(self, backend: str = "") -> None:
         super().__init__(backend)
         self._seen: OrderedDict[tuple[str, int], _FirstStep] = OrderedDict()
-        self._world_size = 1
-        self._remember_from: int | None = None
 
     def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
         step = getattr(record, "step", None)
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if _rank(record) == 0 else []
-        self._world_size = max(self._world_size, int(getattr(record, "world_size", None) or 1))
         seen = self._seen.get((record.name, step))
         if seen is None:
             seen = self._seen[(record.name, step)] = _FirstStep(getattr(record, START_ATTR, 0))
             if len(self._seen) > self.window:
                 self._seen.popitem(last=False)
-        seen.ranks.add(_rank(record))
         flat = flatten_dict(record.msg)
         fresh = {k: v for k, v in flat.items() if k not in seen.keys}
         seen.keys.update(fresh)
@@ -230,17 +230,9 @@ class FirstPolicy(RankPolicy):
             return []
         return [record if len(fresh) == len(flat) else _derived(record, fresh)]
 
-    def checkpoint(self) -> dict[str, Any] | None:
-        # A step every rank has reported is done; the open ones must be remembered across a
-        # restart, or a rank's value after the checkpoint would pass as a second "first".
-        open_steps = [s.start for s in self._seen.values() if len(s.ranks) < self._world_size]
-        return {"remember_from": min(open_steps, default=None)}
-
-    def restore(self, state: dict[str, Any] | None) -> None:
-        self._remember_from = (state or {}).get("remember_from")
-
     def remember_from(self) -> int | None:
-        return self._remember_from
+        # Every step in the window, as a later record of any of them must still be judged.
+        return next(iter(self._seen.values())).start if self._seen else None
 
 
 @dataclass(order=True)
@@ -249,12 +241,12 @@ class _Step:
 
     step: int
     order: int
-    offset: int = field(compare=False)
     logger: str = field(compare=False)
     deadline: float = field(compare=False)
     first: logging.LogRecord = field(compare=False)
     values: dict[str, dict[int, Any]] = field(default_factory=dict, compare=False)
     ranks: set[int] = field(default_factory=set, compare=False)
+    starts: list[int] = field(default_factory=list, compare=False)  # its records' entries
 
 
 class ReducePolicy(RankPolicy):
@@ -283,7 +275,6 @@ class ReducePolicy(RankPolicy):
         self._open: dict[tuple[str, int], list[_Step]] = {}
         self._order = itertools.count()
         self._emitted_step: int | None = None
-        self._restored_through: int | None = None
         self.partial = 0
         self.late = 0
 
@@ -292,8 +283,6 @@ class ReducePolicy(RankPolicy):
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if _rank(record) == 0 else []
         self.world_size = max(self.world_size, int(getattr(record, "world_size", None) or 1))
-        if self._restored_through is not None and step <= self._restored_through:
-            return []  # replayed after a restart; emitted before it
         if self._emitted_step is not None and step < self._emitted_step:
             self._count_late(step)
             return self.due(now)
@@ -303,11 +292,11 @@ class ReducePolicy(RankPolicy):
         groups = self._open.setdefault((record.name, step), [])
         group = next((g for g in groups if rank not in g.ranks), None)
         if group is None:
-            offset = getattr(record, START_ATTR, 0)
-            group = _Step(step, next(self._order), offset, record.name, now + self.timeout, record)
+            group = _Step(step, next(self._order), record.name, now + self.timeout, record)
             groups.append(group)
             heapq.heappush(self._heap, group)
         group.ranks.add(rank)
+        group.starts.append(getattr(record, START_ATTR, 0))
         if rank < _rank(group.first):
             group.first = record
         for key, value in flatten_dict(record.msg).items():
@@ -325,14 +314,14 @@ class ReducePolicy(RankPolicy):
     def next_deadline(self) -> float | None:
         return self._heap[0].deadline if self._heap else None
 
-    def held_from(self) -> int | None:
-        return min((group.offset for group in self._heap), default=None)
+    def held_starts(self) -> list[int]:
+        return [start for group in self._heap for start in group.starts]
 
     def checkpoint(self) -> dict[str, Any] | None:
         return {"emitted_step": self._emitted_step}
 
     def restore(self, state: dict[str, Any] | None) -> None:
-        self._restored_through = (state or {}).get("emitted_step")
+        self._emitted_step = (state or {}).get("emitted_step")  # later steps only, in order
 
     def drain(self) -> list[logging.LogRecord]:
         out = [self._emit(heapq.heappop(self._heap), "at shutdown") for _ in range(len(self._heap))]

@@ -1,0 +1,66 @@
+"""A backend's checkpoint file (``.ranklog/backend-<name>.json``): how far it got.
+
+    {"offset": <journal position read through>,
+     "backend": <the handler's own state, e.g. {"files": {path: size}}>,
+     "policy": {"state": ..., "held": [<entry starts>], "remember_from": <entry start>}}
+
+Written atomically and fsynced; a restart cuts the backend's files back to the sizes here
+and reads the journal on from ``offset``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+_log = logging.getLogger("ranklog.collector")
+
+
+def load(path: Path, backend: str) -> dict[str, Any] | None:
+    """The saved checkpoint (``{"offset": 0}`` if none); None if it cannot be read."""
+    if not path.exists():
+        return {"offset": 0}
+    try:
+        saved = json.loads(path.read_text())
+        int(saved["offset"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _log.warning("backend %s: checkpoint %s unreadable (%s)", backend, path, exc)
+        return None
+    return saved  # type: ignore[no-any-return]
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Replace the checkpoint atomically; an OSError (a full disk) reaches the caller."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as out:
+        out.write(json.dumps(state))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def merged(last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """A handler's state now, keeping what it does not report again yet: files restored
+    but not reopened since a restart, a W&B run not resumed yet. Until a file is opened
+    nothing is written to it, so its last size still holds."""
+    out = {**(last or {}), **now}
+    if "files" in (last or {}) or "files" in now:
+        out["files"] = {**(last or {}).get("files", {}), **now.get("files", {})}
+    return out
+
+
+def emptied(backend_state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """For a rebuild from the journal's start: every known file, cut back to nothing."""
+    files = (backend_state or {}).get("files")
+    return {"files": dict.fromkeys(files, 0)} if files else None
+
+
+def shortened_file(backend_state: dict[str, Any] | None) -> str | None:
+    """A file the checkpoint lists that is now missing or shorter than it was then."""
+    for path, size in ((backend_state or {}).get("files") or {}).items():
+        if not os.path.exists(path) or os.path.getsize(path) < size:
+            return str(path)
+    return None
