@@ -42,7 +42,7 @@ def crash() -> None:
 def main() -> None:
     out, scenario, phase = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     journal = Journal(journal_path(out))
-    policy = {"reduce": "mean", "first": "first", "rewind": "first"}.get(scenario)
+    policy = {"reduce": "mean", "first": "first", "rewind": "first", "hparams": "all"}.get(scenario)
     handler = AsyncStructuredHandler(
         log_dir=out, run_name=None if scenario == "reopen" else "all", flush_interval=3600
     )
@@ -124,6 +124,12 @@ def main() -> None:
         time.sleep(2.5)  # retried
         backend.request_close()
         print("clean" if backend.close_within(time.monotonic() + 10) else "unclean")
+    elif (scenario, phase) == ("hparams", "1"):
+        append(envelope(0, None, {"lr": 0.1}, hparams=True), envelope(0, 1, {"loss": 1}))
+        checkpoint_then_crash()
+    elif (scenario, phase) == ("hparams", "2"):
+        append(envelope(1, None, {"lr": 0.1}, hparams=True), envelope(1, 2, {"loss": 2}))
+        run_to_end_and_close()
     elif (scenario, phase) == ("filter", "1"):
         append(envelope(0, 1, {"x": 1}), envelope(0, 2, {"y": 1}), envelope(0, 3, {"x": 3}))
         run_to_end_and_close()

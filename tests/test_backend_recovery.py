@@ -55,6 +55,16 @@ def test_first_remembers_every_step_it_saw(tmp_path: Path) -> None:
     assert [row["loss"] for row in rows if "loss" in row] == [0]
 
 
+def test_hyperparameters_once_across_a_restart(tmp_path: Path) -> None:
+    """Rank 0's hyper-parameters were written before the crash; rank 1's same ones after it
+    must not be written again."""
+    phase(tmp_path, "hparams", "1")
+    assert "clean" in phase(tmp_path, "hparams", "2")
+    rows = read_jsonl(tmp_path / "all.jsonl")
+    assert [row["lr"] for row in rows if "lr" in row] == [0.1]
+    assert [row["loss"] for row in rows if "loss" in row] == [1, 2]
+
+
 def test_full_disk_rewind_rebuilds_the_policy(small_disk: Path) -> None:
     """A write fails on a full disk: the backend goes back to its checkpoint and reads the
     records again, with its policy as it was then (else first would drop them as seen)."""

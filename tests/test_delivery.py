@@ -102,26 +102,35 @@ class TestCollectorCrash:
         wandb_steps = [row["_step"] for run in segments for row in run.history]
         assert sorted(wandb_steps) == list(range(4000))
 
-    @pytest.mark.parametrize("policy", ["first", "mean"])
+    @pytest.mark.parametrize(
+        ("backend", "policy"),
+        [("tensorboard", "first"), ("tensorboard", "mean"), ("wandb", "mean")],
+    )
     def test_cross_rank_policies_resume_exactly_once(
-        self, collector: Callable[..., CollectorProcess], tmp_path: Path, policy: str
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path, backend: str, policy: str
     ) -> None:
-        """`first` remembers the steps still open at its checkpoint (else a second rank's
-        value would pass as another "first"); `mean` resumes at the oldest step it held."""
+        """`first` remembers the steps it saw (else a second rank's value would pass as
+        another "first"); `mean` takes back what it held. W&B writes asynchronously and
+        can resume from before its last checkpoint: the policy goes back with it."""
         endpoint, out = free_endpoint(), tmp_path / "out"
-        args = ("--world-size", "4", "--exit-when-done", "--logger-type", "tensorboard",
-                "--policy", f"tensorboard={policy}", "--run-name", policy,
+        args = ("--world-size", "4", "--exit-when-done", "--logger-type", backend,
+                "--policy", f"{backend}={policy}", "--run-name", policy,
                 *COLLECT_ARGS)  # fmt: skip
-        c = collector(*args, bind=endpoint, output_dir=out)
+        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        c = collector(*args, bind=endpoint, output_dir=out, env=env)
         ranks = start_ranks(endpoint, 4, 3000, "--rate", "1000", "--close-timeout", "60")
         for pause in (1.2, 1.2):
             time.sleep(pause)
             c.terminate(signal.SIGKILL)
             c.wait(10)
-            c = collector(*args, bind=endpoint, output_dir=out)
+            c = collector(*args, bind=endpoint, output_dir=out, env=env)
         finish(ranks)
         assert c.wait(timeout=60) == 0, c.log()
-        steps = Counter(tensorboard_loss_steps(out / policy))
+        if backend == "wandb":
+            runs = [read_run(p) for p in offline_runs(out) if any(p.glob("run-*.wandb"))]
+            steps = Counter(row["_step"] for run in runs for row in run.history if "loss" in row)
+        else:
+            steps = Counter(tensorboard_loss_steps(out / policy))
         doubled = {step: n for step, n in steps.items() if n > 1}
         assert not doubled, f"{len(doubled)} steps written twice, e.g. {list(doubled)[:5]}"
         assert sorted(steps) == list(range(3000))

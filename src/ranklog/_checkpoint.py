@@ -2,7 +2,8 @@
 
     {"offset": <journal position read through>,
      "backend": <the handler's own state, e.g. {"files": {path: size}}>,
-     "policy": {"state": ..., "held": [<entry starts>], "remember_from": <entry start>}}
+     "policy": {"state": ..., "held": [<entry starts>], "remember_from": <entry start>},
+     "history": [{"offset": ..., "policy": ...}, ...]}   # earlier ones, newest first
 
 Written atomically and fsynced; a restart cuts the backend's files back to the sizes here
 and reads the journal on from ``offset``.
@@ -40,6 +41,21 @@ def save(path: Path, state: dict[str, Any]) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself, so that a power loss cannot undo it
+    finally:
+        os.close(directory)
+
+
+def policy_at(saved: dict[str, Any], offset: int) -> tuple[int, Any]:
+    """Where to resume, and the policy state to resume with, when the backend itself only
+    got as far as ``offset`` (W&B writes asynchronously): the newest checkpoint at or
+    before it, or the journal's start with a fresh policy."""
+    for past in [saved, *saved.get("history", [])]:
+        if int(past["offset"]) <= offset:
+            return int(past["offset"]), past.get("policy")
+    return 0, None
 
 
 def merged(last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
@@ -59,8 +75,9 @@ def emptied(backend_state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def shortened_file(backend_state: dict[str, Any] | None) -> str | None:
-    """A file the checkpoint lists that is now missing or shorter than it was then."""
+    """A file the checkpoint lists that is now missing or shorter than it was then (one it
+    lists as empty may be gone: a rebuild deletes what it starts again)."""
     for path, size in ((backend_state or {}).get("files") or {}).items():
-        if not os.path.exists(path) or os.path.getsize(path) < size:
+        if size and (not os.path.exists(path) or os.path.getsize(path) < size):
             return str(path)
     return None

@@ -32,6 +32,7 @@ _RETRY_AFTER = 1.0
 _CHUNK_ENTRIES = 4096  # entries read between looks at checkpoints and policy deadlines
 _BEHIND_WARNING_BYTES = 8 << 20
 _BEHIND_WARNING_EVERY = 30.0
+_HISTORY = 32  # earlier checkpoints kept (about as many seconds)
 
 
 class _Rewound(Exception):
@@ -95,13 +96,18 @@ class JournalBackend(logging.Handler):
                 f"{lost} is shorter than at its last checkpoint" if lost else "no checkpoint",
             )
             from_start = True
+        elif not self._checkpoint_path.exists() and journal.exists() and journal.stat().st_size:
+            from_start = True  # new to this journal (or its checkpoint is gone): all of it
         saved = saved or {"offset": 0}
         restore = getattr(self.inner, "restore", None)
         if restore is not None:
             # A backend that writes asynchronously may know better how far it really got.
             earlier = restore(saved.get("backend"), from_start=from_start)
-            if earlier is not None:
-                saved["offset"] = min(int(saved["offset"]), earlier)
+            if earlier is not None and earlier < int(saved["offset"]):
+                if self._new_policy is None:
+                    saved["offset"] = earlier
+                else:  # and the policy as it was there
+                    saved["offset"], saved["policy"] = _checkpoint.policy_at(saved, earlier)
         if from_start:
             # Its files stay listed, emptied: a crash during the rebuild still cuts them back.
             saved = {"offset": 0, "backend": _checkpoint.emptied(saved.get("backend"))}
@@ -154,7 +160,8 @@ class JournalBackend(logging.Handler):
 
     def _next_wake(self, now: float) -> float:
         wake = max(self._next_checkpoint, self._retry_at)
-        deadline = self.policy.next_deadline() if self.policy is not None else None
+        policy = None if self._resume_pending else self.policy  # a stale one's deadlines
+        deadline = policy.next_deadline() if policy is not None else None
         return wake if deadline is None else min(wake, deadline)
 
     def _run(self) -> None:
@@ -304,6 +311,13 @@ class JournalBackend(logging.Handler):
                     "remember_from": policy.remember_from(),
                 },
             }
+            if policy is not None:
+                # Earlier positions with their policy states: for a backend that turns out,
+                # after a crash, to have got less far than its last checkpoint (W&B).
+                history = last.get("history", [])
+                if last.get("offset") != state["offset"] and "policy" in last:
+                    history = [{"offset": last["offset"], "policy": last["policy"]}, *history]
+                state["history"] = history[:_HISTORY]
             if state == self._last_checkpoint:
                 return
             _checkpoint.save(self._checkpoint_path, state)
@@ -318,8 +332,8 @@ class JournalBackend(logging.Handler):
             self._write_error = None
 
     def _register_new_file(self) -> None:
-        """The backend opened a file (before writing to it): add it, at its size now, to the
-        last checkpoint, so that a restart cuts it back too.
+        """The backend opened a file (before writing to it), or a W&B run: add it to the
+        last checkpoint, so that a restart cuts it back (resumes it) too.
 
         Position, policy state and the other files stay as they were checkpointed: this runs
         in the middle of handing on records (a policy may have emitted more than is written
@@ -327,8 +341,7 @@ class JournalBackend(logging.Handler):
         assert self._checkpoint_path is not None and self._last_checkpoint is not None
         last = self._last_checkpoint
         now = self.inner.checkpoint()  # type: ignore[attr-defined]
-        new_files = {p: size for p, size in now.get("files", {}).items()}
-        backend = _checkpoint.merged({"files": new_files}, last.get("backend") or {})
+        backend = _checkpoint.merged(now, last.get("backend") or {})  # what it knew wins
         state = {**last, "backend": backend}
         _checkpoint.save(self._checkpoint_path, state)
         self._last_checkpoint = state

@@ -213,6 +213,10 @@ class AsyncStructuredHandler(logging.Handler):
         sizes: dict[str, int] = (state or {}).get("files", {})
         self._restore = dict.fromkeys(sizes, 0) if from_start else dict(sizes)
         self._truncate_others = from_start
+        for path, size in self._restore.items():
+            # Now, not when reopened: a file named after the start time is never reopened.
+            if os.path.exists(path) and os.path.getsize(path) > size:
+                os.truncate(path, size)
 
     def rewind_to(self, state: dict[str, Any] | None) -> None:
         """Drop unwritten buffers and cut every file back to a checkpoint (files opened since,

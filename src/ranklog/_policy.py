@@ -24,6 +24,7 @@ lined up across ranks, so ``first`` and the reducing policies take them from ran
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import json
@@ -143,11 +144,13 @@ class RankPolicy:
         return None
 
     def checkpoint(self) -> dict[str, Any] | None:
-        """What a restarted policy needs besides the records (see above)."""
-        return None
+        """What a restarted policy needs besides the records (see above): here, which
+        hyper-parameters it already handed on."""
+        return {"hparams": sorted(self._hparams_seen)} if self._hparams_seen else None
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Take back a :meth:`checkpoint`."""
+        self._hparams_seen = set((state or {}).get("hparams", ()))
 
     def _admit(self, record: logging.LogRecord) -> bool:
         return True
@@ -155,7 +158,8 @@ class RankPolicy:
     def _first_hparams(self, record: logging.LogRecord) -> bool:
         msg = record.msg
         content = flatten_dict(msg) if isinstance(msg, Mapping) else str(msg)
-        key = json.dumps([record.name, content], sort_keys=True, default=repr)
+        text = json.dumps([record.name, content], sort_keys=True, default=repr)
+        key = hashlib.sha256(text.encode()).hexdigest()[:32]  # small enough to checkpoint
         if key in self._hparams_seen:
             return False
         self._hparams_seen.add(key)
@@ -318,9 +322,10 @@ class ReducePolicy(RankPolicy):
         return [start for group in self._heap for start in group.starts]
 
     def checkpoint(self) -> dict[str, Any] | None:
-        return {"emitted_step": self._emitted_step}
+        return {**(super().checkpoint() or {}), "emitted_step": self._emitted_step}
 
     def restore(self, state: dict[str, Any] | None) -> None:
+        super().restore(state)
         self._emitted_step = (state or {}).get("emitted_step")  # later steps only, in order
 
     def drain(self) -> list[logging.LogRecord]:

@@ -6,7 +6,9 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ class WandbHandler(logging.Handler):
         # writes asynchronously, so a restart resumes from the newest mark its log covers.
         self._last_offset: int | None = None
         self._marks: list[tuple[int, int]] = []
+        self.on_new_file: Callable[[], None] | None = None  # set by the collector
 
     @property
     def run(self) -> Any:
@@ -87,7 +90,7 @@ class WandbHandler(logging.Handler):
             )
         kwargs.setdefault("config", {})
         if self._resume_id is not None:
-            kwargs.update(id=self._resume_id, resume="allow")
+            kwargs.update(id=self._resume_id, resume="allow")  # created if it does not exist
         if "settings" not in kwargs and "WANDB_CONSOLE" not in os.environ:
             # In the collector the console is the collector's own status lines, not the
             # training's output: nothing worth a W&B log tab.
@@ -95,10 +98,16 @@ class WandbHandler(logging.Handler):
         return kwargs
 
     def _setup(self, record: logging.LogRecord) -> bool:
+        if self._resume_id is None:
+            # Chosen (and checkpointed) before wandb.init: a collector killed during init
+            # resumes this run rather than starting a second one.
+            self._resume_id = uuid.uuid4().hex[:12]
+            self._announce()
         try:
             import wandb
 
             self._run = wandb.init(**self._init_kwargs(record))
+            self._announce()
         except Exception as exc:  # no account, no network, bad settings: all the same here
             self.failure = f"{type(exc).__name__}: {exc}"
             _log.error(
@@ -146,10 +155,14 @@ class WandbHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def _announce(self) -> None:
+        if self.on_new_file is not None:
+            self.on_new_file()  # the collector records the run now, not at its next checkpoint
+
     def checkpoint(self) -> dict[str, Any]:
         """The run to resume after a crash, and its transaction log to learn how far it got."""
         if self._run is None:
-            return {}
+            return {} if self._resume_id is None else {"run_id": self._resume_id}
         if self._last_step is not None and self._last_offset is not None:
             mark = (self._last_step, self._last_offset)
             if not self._marks or self._marks[-1] != mark:
@@ -166,9 +179,12 @@ class WandbHandler(logging.Handler):
         from ranklog._wandb_log import last_step
 
         run_id = state["run_id"]
+        self._resume_id = run_id
+        if not state.get("sync_file"):
+            return None  # killed inside wandb.init: nothing logged yet
+        _settle(Path(state["sync_file"]))
         logs = Path(state["sync_file"]).parent.parent.glob(f"*{run_id}*/run-{run_id}.wandb")
         steps = [step for step in map(last_step, logs) if step is not None]
-        self._resume_id = run_id
         self._written_through = max(steps, default=None)
         self._marks = [(int(step), int(offset)) for step, offset in state.get("marks", [])]
         through = self._written_through
@@ -189,6 +205,21 @@ class WandbHandler(logging.Handler):
                 self.out_of_order,
             )
         super().close()
+
+
+def _settle(log: Path, quiet: float = 0.5, timeout: float = 10.0) -> None:
+    """Wait until the crashed run's log stops growing: W&B's service process outlives the
+    collector that fed it and writes out the rows it already had, a moment later. Reading
+    the log before that would resume before rows that then land, and log them twice."""
+    deadline = time.monotonic() + timeout
+    size, still_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now_size = log.stat().st_size if log.exists() else 0
+        if now_size != size:
+            size, still_since = now_size, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            return
+        time.sleep(0.05)
 
 
 def teardown_within(timeout: float) -> bool:

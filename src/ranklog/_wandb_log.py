@@ -66,6 +66,6 @@ def last_step(path: Path) -> int | None:
         for record in records(path, strict=False)
         if record.WhichOneof("record_type") == "history"
         for item in record.history.item
-        if item.key == "_step"
+        if (item.key or ".".join(item.nested_key)) == "_step"  # wandb writes either
     ]
     return max(steps, default=None)
