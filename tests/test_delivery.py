@@ -237,6 +237,22 @@ class TestReplay:
         assert (out / "training_params_and_metrics_global1.jsonl").read_text() == original
         assert_exactly_once(out, 2, 300)
 
+    def test_a_backend_added_later_keeps_what_its_files_already_hold(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        """Plain `ranklog replay` appends; only --from-start empties a backend's files."""
+        out = tmp_path / "out"
+        c = collector("--world-size", "2", "--exit-when-done", "--logger-type", "tensorboard",
+                      output_dir=out)  # fmt: skip
+        finish(start_ranks(c.endpoint, 2, 300))
+        assert c.wait(30) == 0
+        theirs = out / "training_params_and_metrics_global0.jsonl"
+        theirs.write_text('{"written_by": "someone else"}\n')
+        replay(out, "--logger-type", "async")
+        rows = read_jsonl(theirs)
+        assert rows[0] == {"written_by": "someone else"}
+        assert [row["step"] for row in rows[1:]] == list(range(300))
+
 
 def child_pids(pid: int) -> list[int]:
     return [

@@ -87,6 +87,22 @@ class TestWandbHandler:
         assert (run.name, run.project) == ("env-name", "from-env")
         assert not (tmp_path / "unused").exists()
 
+    def test_the_users_run_id_is_kept(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job that sets WANDB_RUN_ID (or passes id=) continues that run."""
+        monkeypatch.setenv("WANDB_RUN_ID", "fromenv42")
+        handler = WandbHandler(log_dir=tmp_path / "a")
+        handler.handle(rec(0, 0, {"loss": 1.0}))
+        handler.close()
+        assert only_run(tmp_path / "a").run_id == "fromenv42"
+        monkeypatch.delenv("WANDB_RUN_ID")
+        wandb.teardown()
+        handler = WandbHandler(log_dir=tmp_path / "b", id="explicit7")
+        handler.handle(rec(0, 0, {"loss": 1.0}))
+        handler.close()
+        assert only_run(tmp_path / "b").run_id == "explicit7"
+
 
 class TestWandbInTheCollector:
     """Real ranks -> ``ranklog collect --logger-type async,tensorboard,wandb``."""

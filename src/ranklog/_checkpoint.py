@@ -68,6 +68,16 @@ def merged(last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def registered(last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """The last checkpoint's handler state with a newly opened file or run added: a file
+    already listed keeps its checkpointed size (what a restart must cut back to); the
+    rest (a W&B run's id and log) is as the handler says now."""
+    out = {**(last or {}), **{key: value for key, value in now.items() if key != "files"}}
+    if "files" in (last or {}) or "files" in now:
+        out["files"] = {**now.get("files", {}), **(last or {}).get("files", {})}
+    return out
+
+
 def emptied(backend_state: dict[str, Any] | None) -> dict[str, Any] | None:
     """For a rebuild from the journal's start: every known file, cut back to nothing."""
     files = (backend_state or {}).get("files")

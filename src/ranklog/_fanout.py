@@ -96,8 +96,6 @@ class JournalBackend(logging.Handler):
                 f"{lost} is shorter than at its last checkpoint" if lost else "no checkpoint",
             )
             from_start = True
-        elif not self._checkpoint_path.exists() and journal.exists() and journal.stat().st_size:
-            from_start = True  # new to this journal (or its checkpoint is gone): all of it
         saved = saved or {"offset": 0}
         restore = getattr(self.inner, "restore", None)
         if restore is not None:
@@ -341,7 +339,7 @@ class JournalBackend(logging.Handler):
         assert self._checkpoint_path is not None and self._last_checkpoint is not None
         last = self._last_checkpoint
         now = self.inner.checkpoint()  # type: ignore[attr-defined]
-        backend = _checkpoint.merged(now, last.get("backend") or {})  # what it knew wins
+        backend = _checkpoint.registered(last.get("backend"), now)
         state = {**last, "backend": backend}
         _checkpoint.save(self._checkpoint_path, state)
         self._last_checkpoint = state

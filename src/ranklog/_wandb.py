@@ -63,6 +63,7 @@ class WandbHandler(logging.Handler):
         self._started = datetime.now()
         # After a collector restart: the run to resume and the last step it already holds.
         self._resume_id: str | None = None
+        self._resuming = False
         self._written_through: int | None = None
         self.already_written = 0
         # (step, journal offset) of the last row handed to W&B, at each checkpoint: W&B
@@ -90,7 +91,9 @@ class WandbHandler(logging.Handler):
             )
         kwargs.setdefault("config", {})
         if self._resume_id is not None:
-            kwargs.update(id=self._resume_id, resume="allow")  # created if it does not exist
+            kwargs["id"] = self._resume_id
+        if self._resuming:
+            kwargs["resume"] = "allow"  # created if the crash came before it existed
         if "settings" not in kwargs and "WANDB_CONSOLE" not in os.environ:
             # In the collector the console is the collector's own status lines, not the
             # training's output: nothing worth a W&B log tab.
@@ -100,14 +103,17 @@ class WandbHandler(logging.Handler):
     def _setup(self, record: logging.LogRecord) -> bool:
         if self._resume_id is None:
             # Chosen (and checkpointed) before wandb.init: a collector killed during init
-            # resumes this run rather than starting a second one.
-            self._resume_id = uuid.uuid4().hex[:12]
+            # resumes this run rather than starting a second one. The user's id first.
+            self._resume_id = (
+                self.wandb_init_kwargs.get("id")
+                or os.environ.get("WANDB_RUN_ID")
+                or uuid.uuid4().hex[:12]
+            )
             self._announce()
         try:
             import wandb
 
             self._run = wandb.init(**self._init_kwargs(record))
-            self._announce()
         except Exception as exc:  # no account, no network, bad settings: all the same here
             self.failure = f"{type(exc).__name__}: {exc}"
             _log.error(
@@ -116,6 +122,7 @@ class WandbHandler(logging.Handler):
                 self.failure,
             )
             return False
+        self._announce()
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -156,8 +163,14 @@ class WandbHandler(logging.Handler):
             self.handleError(record)
 
     def _announce(self) -> None:
-        if self.on_new_file is not None:
-            self.on_new_file()  # the collector records the run now, not at its next checkpoint
+        """Have the collector record the run now, not at its next checkpoint (best effort:
+        if that fails, say on a full disk, the next checkpoint records it)."""
+        if self.on_new_file is None:
+            return
+        try:
+            self.on_new_file()
+        except Exception as exc:
+            _log.warning("backend wandb: could not checkpoint the run yet (%s)", exc)
 
     def checkpoint(self) -> dict[str, Any]:
         """The run to resume after a crash, and its transaction log to learn how far it got."""
@@ -180,6 +193,7 @@ class WandbHandler(logging.Handler):
 
         run_id = state["run_id"]
         self._resume_id = run_id
+        self._resuming = True
         if not state.get("sync_file"):
             return None  # killed inside wandb.init: nothing logged yet
         _settle(Path(state["sync_file"]))
