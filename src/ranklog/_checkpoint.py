@@ -58,23 +58,20 @@ def policy_at(saved: dict[str, Any], offset: int) -> tuple[int, Any]:
     return 0, None
 
 
-def merged(last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+def merged(
+    last: dict[str, Any] | None, now: dict[str, Any], *, opened: bool = False
+) -> dict[str, Any]:
     """A handler's state now, keeping what it does not report again yet: files restored
-    but not reopened since a restart, a W&B run not resumed yet. Until a file is opened
-    nothing is written to it, so its last size still holds."""
-    out = {**(last or {}), **now}
-    if "files" in (last or {}) or "files" in now:
-        out["files"] = {**(last or {}).get("files", {}), **now.get("files", {})}
-    return out
+    but not reopened since a restart, a W&B run not resumed yet (until a file is opened
+    nothing is written to it, so its last size still holds).
 
-
-def registered(last: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
-    """The last checkpoint's handler state with a newly opened file or run added: a file
-    already listed keeps its checkpointed size (what a restart must cut back to); the
-    rest (a W&B run's id and log) is as the handler says now."""
+    ``opened``: the handler just opened a file or run, in the middle of writing; the files
+    the last checkpoint lists keep their sizes there (what a restart must cut back to) and
+    only new ones come from ``now``."""
     out = {**(last or {}), **{key: value for key, value in now.items() if key != "files"}}
     if "files" in (last or {}) or "files" in now:
-        out["files"] = {**now.get("files", {}), **(last or {}).get("files", {})}
+        older, newer = (now, last or {}) if opened else (last or {}, now)
+        out["files"] = {**older.get("files", {}), **newer.get("files", {})}
     return out
 
 

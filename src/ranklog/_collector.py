@@ -190,7 +190,6 @@ class Collector:
             }
         )
         self.backends = self._backends.names
-        self._backends.advance(self.journal.durable_end)
 
     def replay(self, *, from_start: bool = False) -> int:
         """Bring the backends up to date from the journal without listening (``ranklog
@@ -285,8 +284,10 @@ class Collector:
                         break
                     self._receive(frames, batch)
                 self._commit(sock, batch)
+            # Once per pass, after the commit: the backends read on to what is durable (an
+            # end the pipe could not take then goes out on a later pass).
             assert self._backends is not None
-            self._backends.advance(self.journal.durable_end)  # if a full pipe held it back
+            self._backends.advance(self.journal.durable_end)
             now = time.monotonic()
             self._check_liveness(now)
             if now >= next_status:
@@ -365,8 +366,6 @@ class Collector:
                     except Exception:  # one bad record must never stop the others
                         self.stats.rejected["internal-error"] += 1
                         _log.exception("error while applying a record; it was skipped")
-                assert self._backends is not None
-                self._backends.advance(self.journal.durable_end)
         for (route, (run, rank, inc)), peer in batch.acks.items():
             # If the ack cannot go out now, the rank resends after its ack timeout.
             with contextlib.suppress(zmq.ZMQError):

@@ -59,6 +59,8 @@ class JournalBackend(logging.Handler):
         self.inner = inner
         self.name = name or inner.get_name() or type(inner).__name__
         self._new_policy = policy
+        # Made once now so that a bad policy fails the configuration, not the first record;
+        # the backend's thread makes it again from the checkpoint before using it.
         self.policy = policy() if policy is not None else None
         self._resume_pending = False  # the policy must be rebuilt from the last checkpoint
         self.failed = 0
@@ -339,7 +341,7 @@ class JournalBackend(logging.Handler):
         assert self._checkpoint_path is not None and self._last_checkpoint is not None
         last = self._last_checkpoint
         now = self.inner.checkpoint()  # type: ignore[attr-defined]
-        backend = _checkpoint.registered(last.get("backend"), now)
+        backend = _checkpoint.merged(last.get("backend"), now, opened=True)
         state = {**last, "backend": backend}
         _checkpoint.save(self._checkpoint_path, state)
         self._last_checkpoint = state
