@@ -138,3 +138,33 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     if os.environ.get("RANKLOG_KEEP_DISK"):
         subprocess.run(["cp", "-a", str(mount_point), str(tmp_path / "disk-copy")], check=False)
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def ranklog(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``ranklog`` command line (``python -m ranklog``) to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "ranklog", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the collector runs its backends in a child process)."""
+    tree = [pid]
+    for member in tree:
+        for task in Path(f"/proc/{member}/task").glob("*/children"):
+            tree.extend(int(child) for child in task.read_text().split())
+    return tree
+
+
+def run_all_backends(
+    collector: Callable[..., CollectorProcess], records: int, *rank_args: str, env: dict[str, str]
+) -> CollectorProcess:
+    """2 ranks into ``ranklog collect --logger-type async,tensorboard,wandb --run-name demo``,
+    then SIGTERM; the collector must exit 0."""
+    from tests.ranks import finish, start_rank
+
+    c = collector("--logger-type", "async,tensorboard,wandb", "--run-name", "demo", env=env)
+    finish([start_rank(c.endpoint, r, 2, records, *rank_args) for r in (0, 1)])
+    c.terminate(signal.SIGTERM)
+    assert c.wait(60) == 0, c.log()
+    return c

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import CollectorProcess
+from tests.conftest import CollectorProcess, ranklog
 from tests.ranks import run_ranks
-
-
-def ranklog(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ranklog", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 class TestErrors:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tests.conftest import CollectorProcess, read_jsonl
+from tests.conftest import CollectorProcess, process_tree, ranklog, read_jsonl
 from tests.ranks import REPO, finish, start_ranks
-from tests.wandb_reader import offline_runs, read_run
+from tests.wandb_reader import WandbRun, offline_runs, read_run
 
 COLLECT_ARGS = ("--silence-timeout", "5", "--status-interval", "1")
 
@@ -61,13 +61,39 @@ def assert_exactly_once(output_dir: Path, world_size: int, records: int) -> None
         )
 
 
+def kill_twice(
+    collector: Callable[..., CollectorProcess], args: tuple[str, ...], out: Path, records: int
+) -> tuple[CollectorProcess, list[dict[str, int]]]:
+    """4 ranks log ``records`` each at 1,000/s while their collector is killed (-9) twice
+    and restarted on the same address and output directory; returns the last collector
+    (exited) and the ranks' final stats."""
+    endpoint = free_endpoint()
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    c = collector(*args, bind=endpoint, output_dir=out, env=env)
+    ranks = start_ranks(endpoint, 4, records, "--rate", "1000", "--close-timeout", "60")
+    for pause in (1.2, 1.2):
+        time.sleep(pause)
+        c.terminate(signal.SIGKILL)
+        c.wait(10)
+        c = collector(*args, bind=endpoint, output_dir=out, env=env)
+    stats = finish(ranks)
+    assert c.wait(timeout=60) == 0, c.log()
+    return c, stats
+
+
+def wandb_segments(out: Path) -> list[WandbRun]:
+    """Every offline W&B run segment under ``out`` that has a log (a collector killed while
+    wandb was starting leaves a run folder without one)."""
+    return [read_run(p) for p in offline_runs(out) if any(p.glob("run-*.wandb"))]
+
+
 class TestCollectorCrash:
     """kill -9 of the collector, restarted on the same address and output directory."""
 
     def test_kill_twice_nothing_lost_nothing_doubled(
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
-        endpoint, out = free_endpoint(), tmp_path / "out"
+        out = tmp_path / "out"
         args = (
             "--world-size",
             "4",
@@ -78,24 +104,15 @@ class TestCollectorCrash:
             "crash",
             *COLLECT_ARGS,
         )
-        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        c = collector(*args, bind=endpoint, output_dir=out, env=env)
-        ranks = start_ranks(endpoint, 4, 4000, "--rate", "1000", "--close-timeout", "60")
-        for pause in (1.2, 1.2):
-            time.sleep(pause)
-            c.terminate(signal.SIGKILL)
-            c.wait(10)
-            c = collector(*args, bind=endpoint, output_dir=out, env=env)
-        stats = finish(ranks)
-        assert c.wait(timeout=60) == 0, c.log()
+        c, stats = kill_twice(collector, args, out, 4000)
         assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
         assert "already accepted" in c.log()  # the journal was read back
         assert_exactly_once(out, 4, 4000)
         tensorboard_steps = tensorboard_loss_steps(out / "crash")
         assert sorted(tensorboard_steps) == list(range(4000))  # rank 0's, each step once
-        # A collector killed while wandb was starting leaves a run folder with no log in it,
-        # or a log with no run record yet: no rows either way.
-        segments = [read_run(p) for p in offline_runs(out) if any(p.glob("run-*.wandb"))]
+        # A collector killed while wandb was starting may leave a log with no run record
+        # yet: no rows in it either.
+        segments = wandb_segments(out)
         assert not [run.history for run in segments if not run.run_id and run.history]
         segments = [run for run in segments if run.run_id]
         assert len({run.run_id for run in segments}) == 1  # one run, resumed after each crash
@@ -112,23 +129,14 @@ class TestCollectorCrash:
         """`first` remembers the steps it saw (else a second rank's value would pass as
         another "first"); `mean` takes back what it held. W&B writes asynchronously and
         can resume from before its last checkpoint: the policy goes back with it."""
-        endpoint, out = free_endpoint(), tmp_path / "out"
+        out = tmp_path / "out"
         args = ("--world-size", "4", "--exit-when-done", "--logger-type", backend,
                 "--policy", f"{backend}={policy}", "--run-name", policy,
                 *COLLECT_ARGS)  # fmt: skip
-        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        c = collector(*args, bind=endpoint, output_dir=out, env=env)
-        ranks = start_ranks(endpoint, 4, 3000, "--rate", "1000", "--close-timeout", "60")
-        for pause in (1.2, 1.2):
-            time.sleep(pause)
-            c.terminate(signal.SIGKILL)
-            c.wait(10)
-            c = collector(*args, bind=endpoint, output_dir=out, env=env)
-        finish(ranks)
-        assert c.wait(timeout=60) == 0, c.log()
+        kill_twice(collector, args, out, 3000)
         if backend == "wandb":
-            runs = [read_run(p) for p in offline_runs(out) if any(p.glob("run-*.wandb"))]
-            steps = Counter(row["_step"] for run in runs for row in run.history if "loss" in row)
+            rows = [row for run in wandb_segments(out) for row in run.history]
+            steps = Counter(row["_step"] for row in rows if "loss" in row)
         else:
             steps = Counter(tensorboard_loss_steps(out / policy))
         doubled = {step: n for step, n in steps.items() if n > 1}
@@ -212,10 +220,7 @@ class TestDeadRank:
 
 def replay(output_dir: Path, *args: str) -> None:
     """Run `ranklog replay` on ``output_dir``; it must succeed."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "ranklog", "replay", "--output-dir", str(output_dir), *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    proc = ranklog("replay", "--output-dir", str(output_dir), *args)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -254,14 +259,6 @@ class TestReplay:
         assert [row["step"] for row in rows[1:]] == list(range(300))
 
 
-def child_pids(pid: int) -> list[int]:
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").glob("*/children")
-        for child in task.read_text().split()
-    ]
-
-
 class TestBackendProcessDies:
     """The backends run in a child process; if it dies, the journal still takes everything."""
 
@@ -270,7 +267,7 @@ class TestBackendProcessDies:
     ) -> None:
         out = tmp_path / "out"
         c = collector("--world-size", "2", "--exit-when-done", output_dir=out)
-        (backends,) = child_pids(c.proc.pid)
+        (backends,) = process_tree(c.proc.pid)[1:]
         os.kill(backends, signal.SIGKILL)
         stats = finish(start_ranks(c.endpoint, 2, 300))
         assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
@@ -303,12 +300,7 @@ class TestCurve:
     ) -> None:
         keys, allowed, other = tmp_path / "keys", tmp_path / "allowed", tmp_path / "other"
         for folder, name in ((keys, "collector"), (allowed, "rank"), (other, "intruder")):
-            subprocess.run(
-                [sys.executable, "-m", "ranklog", "keys", "--out", str(folder), "--name", name],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
+            assert ranklog("keys", "--out", str(folder), "--name", name).returncode == 0
         c = collector(
             "--curve-secret",
             str(keys / "collector.key_secret"),
@@ -426,10 +418,7 @@ def _lines(path: Path) -> int:
 def rss_kib(pid: int) -> int:
     """Resident memory of the collector and its backends' process."""
     total = 0
-    tree = [pid]
-    for member in tree:
-        for task in Path(f"/proc/{member}/task").glob("*/children"):
-            tree.extend(int(child) for child in task.read_text().split())
+    for member in process_tree(pid):
         status = Path(f"/proc/{member}/status").read_text()
         total += int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1])
     return total

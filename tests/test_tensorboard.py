@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +16,7 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 from ranklog import TensorBoardHandler
-from tests.conftest import CollectorProcess, read_jsonl
-from tests.ranks import finish, start_rank
+from tests.conftest import CollectorProcess, read_jsonl, run_all_backends
 from tests.test_policy import rec
 
 
@@ -167,16 +165,8 @@ class TestTensorBoardInTheCollector:
     def test_rank0_series_once_per_step_with_hparams(
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
-        c = collector(
-            "--logger-type",
-            "async,tensorboard,wandb",
-            "--run-name",
-            "demo",
-            env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
-        )
-        finish([start_rank(c.endpoint, r, 2, 300, "--hparams") for r in (0, 1)])
-        c.terminate(signal.SIGTERM)
-        assert c.wait(60) == 0, c.log()
+        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        c = run_all_backends(collector, 300, "--hparams", env=env)
 
         mux = EventMultiplexer()
         mux.AddRunsFromDirectory(str(c.output_dir))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,8 +10,7 @@ import pytest
 import wandb
 
 from ranklog import WandbHandler
-from tests.conftest import CollectorProcess, read_jsonl
-from tests.ranks import finish, start_rank
+from tests.conftest import CollectorProcess, read_jsonl, run_all_backends
 from tests.test_policy import rec, tb_scalars
 from tests.wandb_reader import WandbRun, offline_runs, read_run
 
@@ -110,16 +108,8 @@ class TestWandbInTheCollector:
     def test_offline_run_holds_300_rows_and_the_hparams(
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
-        c = collector(
-            "--logger-type",
-            "async,tensorboard,wandb",
-            "--run-name",
-            "demo",
-            env={"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")},
-        )
-        finish([start_rank(c.endpoint, r, 2, 300, "--hparams") for r in (0, 1)])
-        c.terminate(signal.SIGTERM)
-        assert c.wait(60) == 0, c.log()
+        env = {"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+        c = run_all_backends(collector, 300, "--hparams", env=env)
 
         run = only_run(c.output_dir)  # one run, however many ranks
         assert run.name == "demo" and run.finished
@@ -134,24 +124,16 @@ class TestWandbInTheCollector:
     def test_init_failure_is_reported_once_and_the_others_go_on(
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
-        c = collector(
-            "--logger-type",
-            "async,tensorboard,wandb",
-            "--run-name",
-            "demo",
-            env={
-                # online with no account and no reachable server: wandb.init raises
-                "WANDB_MODE": "online",
-                "WANDB_API_KEY": "",
-                "WANDB_BASE_URL": "http://127.0.0.1:9",
-                "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-                "HOME": str(tmp_path),
-                "NETRC": str(tmp_path / "no-netrc"),
-            },
-        )
-        finish([start_rank(c.endpoint, r, 2, 50) for r in (0, 1)])
-        c.terminate(signal.SIGTERM)
-        assert c.wait(60) == 0, c.log()
+        env = {
+            # online with no account and no reachable server: wandb.init raises
+            "WANDB_MODE": "online",
+            "WANDB_API_KEY": "",
+            "WANDB_BASE_URL": "http://127.0.0.1:9",
+            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+            "HOME": str(tmp_path),
+            "NETRC": str(tmp_path / "no-netrc"),
+        }
+        c = run_all_backends(collector, 50, env=env)
 
         log = c.log()
         assert log.count("backend wandb: wandb.init failed") == 1, log
