@@ -21,10 +21,11 @@ import msgpack
 
 import _common
 from ranklog import AsyncStructuredHandler, IsMappingFilter
-from ranklog._codec import RecordEncoder, decode, decode_journaled
-from ranklog._identity import RankIdentity
-from ranklog._journal import Journal, read_entries
-from ranklog._records import build_record
+from ranklog.backends.records import build_record
+from ranklog.journal import Journal, read_entries
+from ranklog.rank.encoder import RecordEncoder
+from ranklog.rank.identity import RankIdentity
+from ranklog.wire import decode, decode_journaled
 
 CALLS = 100_000
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import msgpack
 
-from ranklog._fanout import JournalBackend
-from ranklog._journal import STATE_DIR, Journal, journal_path
-from ranklog._jsonl import AsyncStructuredHandler
-from ranklog._policy import make_policy
+from ranklog.backends.jsonl import AsyncStructuredHandler
+from ranklog.backends.policies import make_policy
+from ranklog.backends.runner import JournalBackend
+from ranklog.journal import STATE_DIR, Journal, journal_path
 
 
 def envelope(rank: int, step: int | None, msg: Any, hparams: bool = False) -> bytes:

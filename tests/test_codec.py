@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from ranklog._codec import (
+from ranklog.errors import ProtocolError
+from ranklog.rank.encoder import RecordEncoder
+from ranklog.rank.identity import detect_identity
+from ranklog.wire import (
     GOODBYE,
     HEARTBEAT,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
-    RecordEncoder,
     decode,
     pack_ack,
 )
-from ranklog._errors import ProtocolError
-from ranklog._identity import detect_identity
 
 
 def _record(msg: object, **extra: object) -> logging.LogRecord:

@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from ranklog import ZMQSocketHandler
-from ranklog._codec import DeferredRecord, HostCopy, RecordEncoder, decode, start_cuda_copy
-from ranklog._identity import detect_identity
-from ranklog._outbox import Outbox
+from ranklog.rank.encoder import RecordEncoder
+from ranklog.rank.identity import detect_identity
+from ranklog.rank.outbox import Outbox
+from ranklog.rank.values import DeferredRecord, HostCopy, start_cuda_copy
+from ranklog.wire import decode
 from tests.conftest import CollectorProcess, read_jsonl
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ranklog._dedupe import SeqTracker
+from ranklog.collector.peers import SeqTracker
 
 
 class TestSeqTracker:

@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 
 from ranklog import FormatDictFilter, IsMappingFilter, IsRank0Filter
-from ranklog._run_name import substitute_placeholders
+from ranklog.run_name import substitute_placeholders
 
 
 def _record(msg: object, **attrs: object) -> logging.LogRecord:

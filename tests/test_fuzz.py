@@ -14,9 +14,10 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranklog._codec import RecordEncoder, decode
-from ranklog._errors import ProtocolError
-from ranklog._identity import detect_identity
+from ranklog.errors import ProtocolError
+from ranklog.rank.encoder import RecordEncoder
+from ranklog.rank.identity import detect_identity
+from ranklog.wire import decode
 from tests.conftest import CollectorProcess, read_jsonl
 from tests.ranks import run_ranks
 

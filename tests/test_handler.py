@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ranklog import ZMQSocketHandler
-from ranklog._identity import detect_identity
+from ranklog.rank.identity import detect_identity
 from tests.conftest import CollectorProcess, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ class TestRankFields:
     def test_torch_distributed(self, tmp_path: Path) -> None:
         script = (
             "import sys, torch.distributed as dist\n"
-            "from ranklog._identity import detect_identity\n"
+            "from ranklog.rank.identity import detect_identity\n"
             f"dist.init_process_group('gloo', init_method='file://{tmp_path}/init', "
             "rank=int(sys.argv[1]), world_size=2)\n"
             "i = detect_identity(); print(i.rank, i.world_size)\n"

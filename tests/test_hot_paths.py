@@ -21,13 +21,14 @@ import pytest
 import zmq
 
 from ranklog import ZMQSocketHandler
-from ranklog._codec import PROTOCOL_VERSION, RecordEncoder, _validate, decode, pack_ack
-from ranklog._errors import ProtocolError
-from ranklog._flatten import flatten_dict
-from ranklog._handler import SenderSettings
-from ranklog._identity import detect_identity
-from ranklog._jsonl import _flatten, _Timestamps
-from ranklog._outbox import Outbox
+from ranklog.backends.jsonl import _flatten, _Timestamps
+from ranklog.errors import ProtocolError
+from ranklog.flatten import flatten_dict
+from ranklog.rank.encoder import RecordEncoder
+from ranklog.rank.handler import SenderSettings
+from ranklog.rank.identity import detect_identity
+from ranklog.rank.outbox import Outbox
+from ranklog.wire import PROTOCOL_VERSION, _validate, decode, pack_ack
 
 
 def _record(msg: object, **extra: object) -> logging.LogRecord:

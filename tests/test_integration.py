@@ -15,8 +15,8 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from ranklog._codec import RecordEncoder
-from ranklog._identity import detect_identity
+from ranklog.rank.encoder import RecordEncoder
+from ranklog.rank.identity import detect_identity
 from tests.conftest import CollectorProcess, read_jsonl
 from tests.ranks import run_ranks
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ranklog._outbox import Outbox
+from ranklog.rank.outbox import Outbox
 
 
 class TestBounds:

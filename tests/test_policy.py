@@ -17,16 +17,15 @@ import pytest
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from ranklog import ConfigError
-from ranklog._policy import (
+from ranklog.backends.policies import (
     AllRanksPolicy,
     FirstPolicy,
     Rank0Policy,
     RankPolicy,
     ReducePolicy,
-    format_policy_spec,
     make_policy,
-    parse_policy_spec,
 )
+from ranklog.names import format_policy_spec, parse_policy_spec
 from tests.conftest import CollectorProcess, read_jsonl
 from tests.ranks import REPO, finish, start_rank
 

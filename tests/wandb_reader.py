@@ -1,5 +1,5 @@
 """Read a W&B offline run back from disk, as ``wandb sync`` would: its name, config and
-history rows, from the ``.wandb`` transaction log (decoded by ``ranklog._wandb_log``)."""
+history rows, from the ``.wandb`` transaction log (decoded by ``ranklog.backends.wandb_log``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ranklog._wandb_log import records
+from ranklog.backends.wandb_log import records
 
 
 def _key(item: Any) -> str:

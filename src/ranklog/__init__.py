@@ -5,22 +5,51 @@ On each rank::
     from ranklog import setup_metric_logger
     setup_metric_logger("async,tensorboard", output_dir="logs")
     logging.getLogger("instructlab.training.metrics").info({"loss": 0.5}, extra={"step": 1})
+
+Importing ``ranklog`` loads the rank side only (``ranklog.rank`` and the shared formats);
+``Collector`` and the backend handlers load when first named (see docs/architecture.md).
 """
 
-from ranklog._collector import Collector
-from ranklog._errors import ConfigError, ProtocolError, RanklogError
-from ranklog._filters import FormatDictFilter, IsMappingFilter, IsRank0Filter
-from ranklog._handler import ZMQSocketHandler
-from ranklog._jsonl import AsyncStructuredHandler
-from ranklog._mlflow import MLflowHandler
-from ranklog._setup import (
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ranklog.errors import ConfigError, ProtocolError, RanklogError
+from ranklog.filters import FormatDictFilter, IsMappingFilter, IsRank0Filter
+from ranklog.rank.handler import ZMQSocketHandler
+from ranklog.rank.setup import (
     finish_metric_logger,
     propagate_package_logs,
     setup_metric_logger,
     setup_root_logger,
 )
-from ranklog._tensorboard import TensorBoardHandler
-from ranklog._wandb import WandbHandler
+
+if TYPE_CHECKING:
+    from ranklog.backends.jsonl import AsyncStructuredHandler
+    from ranklog.backends.mlflow import MLflowHandler
+    from ranklog.backends.tensorboard import TensorBoardHandler
+    from ranklog.backends.wandb import WandbHandler
+    from ranklog.collector.collector import Collector
+
+# Collector-side names, imported on first use so that a training rank never loads them.
+_LAZY = {
+    "AsyncStructuredHandler": "ranklog.backends.jsonl",
+    "Collector": "ranklog.collector.collector",
+    "MLflowHandler": "ranklog.backends.mlflow",
+    "TensorBoardHandler": "ranklog.backends.tensorboard",
+    "WandbHandler": "ranklog.backends.wandb",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ranklog' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AsyncStructuredHandler",

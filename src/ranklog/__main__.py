@@ -1,5 +1,5 @@
 import sys
 
-from ranklog._cli import main
+from ranklog.collector.cli import main
 
 sys.exit(main())

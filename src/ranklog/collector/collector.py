@@ -15,24 +15,16 @@ from typing import Any
 
 import zmq
 
-from ranklog._backend_host import BackendProcess
-from ranklog._backends import load_config_file, parse_logger_types
-from ranklog._codec import (
-    ACK,
-    GOODBYE,
-    MAX_FRAME_BYTES,
-    RECORD,
-    decode,
-    pack_ack,
-)
-from ranklog._endpoint import is_local_only
-from ranklog._errors import ConfigError, ProtocolError
-from ranklog._journal import Journal, journal_path
-from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
-from ranklog._policy import parse_policy_spec
-from ranklog._ranks import Peer, PeerKey, RankTable
+from ranklog.collector.backend_process import BackendProcess
+from ranklog.collector.peers import Peer, PeerKey, RankTable
+from ranklog.endpoints import is_local_only
+from ranklog.errors import ConfigError, ProtocolError
+from ranklog.journal import Journal, journal_path
+from ranklog.names import DEFAULT_POLICY_TIMEOUT, parse_logger_types, parse_policy_spec
+from ranklog.pipe import BackendSpec
+from ranklog.wire import ACK, GOODBYE, MAX_FRAME_BYTES, RECORD, decode, pack_ack
 
-_log = logging.getLogger("ranklog.collector")
+_log = logging.getLogger(__name__)
 EVENTS_FILE = "ranklog-events.jsonl"
 _QUIET_BEFORE_EXIT = 0.3
 MAX_INCARNATIONS = 100_000
@@ -171,23 +163,22 @@ class Collector:
         """Journal first, then the backends' process: each backend resumes from its
         checkpoint and reads the journal on to its durable end."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.config_path:
-            load_config_file(self.config_path)  # a bad file fails here, before anything runs
         self.journal = Journal(journal_path(self.output_dir))
         self._recover()
+        # A bad config file or policy fails here, in the child, before anything listens.
         self._backends = BackendProcess(
-            {
-                "output_dir": str(self.output_dir),
-                "loggers": self.loggers,
-                "run_name": self.run_name,
-                "config": str(self.config_path) if self.config_path else None,
-                "policies": self.policies,
-                "world_size": self.world_size,
-                "policy_timeout": self.policy_timeout,
-                "drain_timeout": self.drain_timeout,
-                "from_start": from_start,
-                "log_level": _log.getEffectiveLevel(),
-            }
+            BackendSpec(
+                output_dir=str(self.output_dir),
+                loggers=self.loggers,
+                run_name=self.run_name,
+                config=str(self.config_path) if self.config_path else None,
+                policies=self.policies,
+                world_size=self.world_size,
+                policy_timeout=self.policy_timeout,
+                drain_timeout=self.drain_timeout,
+                from_start=from_start,
+                log_level=_log.getEffectiveLevel(),
+            )
         )
         self.backends = self._backends.names
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-_log = logging.getLogger("ranklog.collector")
+_log = logging.getLogger(__name__)
 
 
 def load(path: Path, backend: str) -> dict[str, Any] | None:

@@ -17,9 +17,6 @@ see::
 Whatever the policy, a hyper-parameter record (``extra={"hparams": True}``) reaches the
 backend once however many ranks send it. Records without a step (and strings) cannot be
 lined up across ranks, so ``first`` and the reducing policies take them from rank 0.
-
->>> parse_policy_spec("tensorboard=mean, wandb=rank0")
-{'tensorboard': 'mean', 'wandb': 'rank0'}
 """
 
 from __future__ import annotations
@@ -35,12 +32,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ranklog._errors import ConfigError
-from ranklog._filters import IsRank0Filter
-from ranklog._flatten import flatten_dict
-from ranklog._records import START_ATTR
+from ranklog.backends.records import START_ATTR
+from ranklog.errors import ConfigError
+from ranklog.filters import IsRank0Filter
+from ranklog.flatten import flatten_dict
+from ranklog.names import DEFAULT_POLICY_TIMEOUT, POLICY_NAMES
 
-_log = logging.getLogger("ranklog.collector")
+_log = logging.getLogger(__name__)
 
 REDUCERS: dict[str, Callable[[list[float]], float]] = {
     "mean": lambda values: math.fsum(values) / len(values),
@@ -51,37 +49,9 @@ REDUCERS: dict[str, Callable[[list[float]], float]] = {
     ),
 }
 POLICIES = ("rank0", "first", "all", *REDUCERS)
-DEFAULT_TIMEOUT = 10.0
+assert POLICIES == POLICY_NAMES, "ranklog.names must list exactly the policies built here"
+DEFAULT_TIMEOUT = DEFAULT_POLICY_TIMEOUT
 RANKS_REPORTED = "ranks_reported"
-
-
-def parse_policy_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
-    """``"tensorboard=mean,wandb=rank0"`` (or a mapping) -> validated ``{backend: policy}``."""
-    if spec is None:
-        return {}
-    if isinstance(spec, str):
-        pairs: list[tuple[str, str]] = []
-        for item in filter(None, (part.strip() for part in spec.split(","))):
-            backend, sep, policy = item.partition("=")
-            if not sep or not backend.strip() or not policy.strip():
-                raise ConfigError(f"policy {item!r}: expected BACKEND=POLICY, e.g. wandb=rank0")
-            pairs.append((backend.strip(), policy.strip()))
-    else:
-        pairs = list(spec.items())
-    result: dict[str, str] = {}
-    for backend, policy in pairs:
-        if policy not in POLICIES:
-            raise ConfigError(
-                f"unknown rank policy {policy!r} for {backend}; expected one of "
-                f"{', '.join(POLICIES)}"
-            )
-        result[backend] = policy
-    return result
-
-
-def format_policy_spec(policies: Mapping[str, str]) -> str:
-    """The inverse of :func:`parse_policy_spec`, for a command line."""
-    return ",".join(f"{backend}={policy}" for backend, policy in policies.items())
 
 
 def _rank(record: logging.LogRecord) -> int:

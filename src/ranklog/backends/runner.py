@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ranklog import _checkpoint
-from ranklog._codec import RECORD, decode_journaled
-from ranklog._journal import read_entries
-from ranklog._policy import RankPolicy
-from ranklog._records import build_record, reaches
+from ranklog.backends import checkpoint as _checkpoint
+from ranklog.backends.policies import RankPolicy
+from ranklog.backends.records import build_record, reaches
+from ranklog.journal import read_entries
+from ranklog.wire import RECORD, decode_journaled
 
-_log = logging.getLogger("ranklog.collector")
+_log = logging.getLogger(__name__)
 _RETRY_AFTER = 1.0
 _CHUNK_ENTRIES = 4096  # entries read between looks at checkpoints and policy deadlines
 _BEHIND_WARNING_BYTES = 8 << 20

@@ -1,12 +1,18 @@
-"""Who is logging: rank, world size and run id, from torchrun's environment."""
+"""Who is logging (rank, world size, run id, from torchrun's environment), and where the
+ranks of one job meet their collector when nobody configured an address."""
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import os
 import socket
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
+
+from ranklog.endpoints import ENDPOINT_ENV
 
 
 @dataclass(frozen=True)
@@ -81,3 +87,23 @@ def detect_identity(
         pid=os.getpid(),
         incarnation=new_incarnation(),
     )
+
+
+def derived_endpoint(identity: RankIdentity) -> str:
+    """The endpoint every rank of one job computes alike.
+
+    ``RANKLOG_ENDPOINT`` wins. On one node it is an ``ipc://`` path keyed by the run id and
+    the launching agent's pid (all local workers of one torchrun share that parent), so two
+    jobs on a machine never meet. Across nodes it is TCP on rank 0's host
+    (``MASTER_ADDR``), one port above ``MASTER_PORT``.
+    """
+    configured = os.environ.get(ENDPOINT_ENV)
+    if configured:
+        return configured
+    if identity.local_world_size >= identity.world_size:
+        key = f"{identity.run_id}:{os.getppid()}:{getpass.getuser()}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        return f"ipc://{tempfile.gettempdir()}/ranklog-{digest}.ipc"
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500")) + 1
+    return f"tcp://{host}:{port}"

@@ -10,12 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ranklog._backends import parse_logger_types
-from ranklog._endpoint import ENDPOINT_ENV, bind_address_for, derived_endpoint, is_local_only
-from ranklog._filters import FormatDictFilter, IsMappingFilter
-from ranklog._handler import ZMQSocketHandler
-from ranklog._identity import detect_identity
-from ranklog._policy import format_policy_spec, parse_policy_spec
+from ranklog.endpoints import ENDPOINT_ENV, bind_address_for, is_local_only
+from ranklog.filters import FormatDictFilter, IsMappingFilter
+from ranklog.names import format_policy_spec, parse_logger_types, parse_policy_spec
+from ranklog.rank.handler import ZMQSocketHandler
+from ranklog.rank.identity import derived_endpoint, detect_identity
 
 PACKAGE_LOGGER = "instructlab.training"
 METRICS_LOGGER = "instructlab.training.metrics"

@@ -15,10 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ranklog._flatten import flatten_dict
-from ranklog._run_name import substitute_placeholders
+from ranklog.flatten import flatten_dict
+from ranklog.run_name import substitute_placeholders
 
-_log = logging.getLogger("ranklog.collector")
+_log = logging.getLogger(__name__)
 
 
 def _hparam_value(value: Any) -> bool | int | float | str:

@@ -14,8 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ranklog._flatten import flatten_dict
-from ranklog._run_name import DEFAULT_JSONL_NAME, substitute_placeholders
+from ranklog.flatten import flatten_dict
+from ranklog.run_name import DEFAULT_JSONL_NAME, substitute_placeholders
 
 _SPILL_BYTES = 1 << 16
 

@@ -13,11 +13,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ranklog._flatten import flatten_dict
-from ranklog._records import OFFSET_ATTR
-from ranklog._run_name import substitute_placeholders
+from ranklog.backends.records import OFFSET_ATTR
+from ranklog.flatten import flatten_dict
+from ranklog.run_name import substitute_placeholders
 
-_log = logging.getLogger("ranklog.collector")
+_log = logging.getLogger(__name__)
 
 
 class WandbHandler(logging.Handler):
@@ -189,7 +189,7 @@ class WandbHandler(logging.Handler):
         replay from: the newest checkpoint mark whose rows are all in those logs."""
         if from_start or not state or "run_id" not in state:
             return None
-        from ranklog._wandb_log import last_step
+        from ranklog.backends.wandb_log import last_step
 
         run_id = state["run_id"]
         self._resume_id = run_id

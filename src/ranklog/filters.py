@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from ranklog._flatten import flatten_dict
+from ranklog.flatten import flatten_dict
 
 
 class IsMappingFilter(logging.Filter):

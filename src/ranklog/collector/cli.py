@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from ranklog._backend_host import log_to_stderr
-from ranklog._collector import DEFAULT_BIND, Collector
-from ranklog._endpoint import ENDPOINT_ENV
-from ranklog._errors import ConfigError
-from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
+from ranklog.collector.collector import DEFAULT_BIND, Collector
+from ranklog.endpoints import ENDPOINT_ENV
+from ranklog.errors import ConfigError
+from ranklog.names import DEFAULT_POLICY_TIMEOUT
+from ranklog.reporting import log_to_stderr
 
 
 def _backend_flags() -> argparse.ArgumentParser:
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        logging.getLogger("ranklog.collector").info(
-            "%s received; draining", signal.Signals(signum).name
-        )
+        logging.getLogger(__name__).info("%s received; draining", signal.Signals(signum).name)
         collector.request_stop()
 
     signal.signal(signal.SIGTERM, stop)

@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ranklog._errors import ConfigError
-from ranklog._fanout import JournalBackend
-from ranklog._policy import DEFAULT_TIMEOUT as DEFAULT_POLICY_TIMEOUT
-from ranklog._policy import RankPolicy, make_policy, unknown_backends
+from ranklog.backends.policies import RankPolicy, make_policy, unknown_backends
+from ranklog.backends.runner import JournalBackend
+from ranklog.errors import ConfigError
+from ranklog.names import BACKEND_NAMES, DEFAULT_POLICY_TIMEOUT
 
 # logger type -> (handler factory path, filters). Which ranks reach a backend is its rank
 # policy (``_policy.py``), not a filter: TensorBoard, W&B and MLflow default to rank 0, as in
@@ -24,25 +24,14 @@ BACKENDS: dict[str, tuple[str, list[str]]] = {
     "wandb": ("ranklog.WandbHandler", ["is_mapping"]),
     "mlflow": ("ranklog.MLflowHandler", ["is_mapping"]),
 }
-
-
-def parse_logger_types(loggers: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``"async, tensorboard"`` or a list -> validated list of backend names."""
-    names = loggers.split(",") if isinstance(loggers, str) else list(loggers)
-    names = [name.strip() for name in names if name.strip()]
-    unknown = [name for name in names if name not in BACKENDS]
-    if unknown:
-        raise ConfigError(
-            f"unknown logger type(s) {', '.join(unknown)}; expected some of {', '.join(BACKENDS)}"
-        )
-    return names
+assert tuple(BACKENDS) == BACKEND_NAMES, "ranklog.names must list exactly these backends"
 
 
 def metric_logging_config(
     loggers: list[str], run_name: str | None, output_dir: str | Path
 ) -> dict[str, Any]:
     """A dictConfig putting the chosen backends on the collector's root logger."""
-    from ranklog._filters import IsMappingFilter, IsRank0Filter
+    from ranklog.filters import IsMappingFilter, IsRank0Filter
 
     handlers: dict[str, Any] = {}
     for name in loggers:
@@ -99,7 +88,7 @@ def _policy_for(
     )
     if spec is None:
         return None
-    from ranklog._jsonl import AsyncStructuredHandler
+    from ranklog.backends.jsonl import AsyncStructuredHandler
 
     return functools.partial(
         make_policy,

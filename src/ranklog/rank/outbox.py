@@ -5,7 +5,7 @@ and drops them once the collector acknowledges their seq. When the store is full
 record goes, whether sent or not, and is counted: training never waits for logging.
 
 A record may also arrive not yet packed (its CUDA values still on the way to host memory,
-see :class:`ranklog._codec.DeferredRecord`). It keeps its place in seq order, and batches stop
+see :class:`ranklog.rank.values.DeferredRecord`). It keeps its place in seq order, and batches stop
 in front of it until its bytes are ready, so acknowledgements stay a contiguous prefix.
 """
 

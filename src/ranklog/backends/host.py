@@ -1,0 +1,110 @@
+"""The backends' own process: the collector's logger tree, fed from the journal.
+
+The collector's receive loop and the backends used to share one interpreter, and so one
+core: decoding, LogRecords and the backends' formatting all queued for the same GIL as
+receiving and journaling. Here they run in a child process that follows the journal: the
+collector tells it, one line on its stdin per commit, how far the journal is durable
+(``ranklog.pipe``), and each backend's runner reads on from its checkpoint to there
+(``runner.py``). The collector's side of this is ``ranklog.collector.backend_process``.
+
+A collector that dies (kill -9) closes the pipe; the child then stops at once, and the next
+collector resumes every backend from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from ranklog.errors import ConfigError
+from ranklog.journal import STATE_DIR, journal_path
+from ranklog.pipe import BackendSpec, read_announcement
+from ranklog.reporting import log_to_stderr
+
+_log = logging.getLogger(__name__)
+
+
+def _serve(spec: BackendSpec, ready: TextIO) -> int:
+    from ranklog.backends.registry import install_backends, load_config_file, metric_logging_config
+
+    output_dir = Path(spec.output_dir)
+    config = (
+        load_config_file(spec.config)
+        if spec.config
+        else metric_logging_config(spec.loggers, spec.run_name, output_dir)
+    )
+    backends = install_backends(
+        config,
+        spec.policies,
+        world_size=spec.world_size,
+        policy_timeout=spec.policy_timeout,
+    )
+    for backend in backends:
+        backend.attach_journal(
+            journal_path(output_dir), output_dir / STATE_DIR, from_start=spec.from_start
+        )
+    ready.write(json.dumps({"backends": [backend.name for backend in backends]}) + "\n")
+    ready.close()
+    for line in sys.stdin:
+        end, drain = read_announcement(line)
+        for backend in backends:
+            backend.advance(end)
+        if drain:
+            break
+    else:
+        # The collector is gone without a drain (killed): stop now. Every checkpoint on disk
+        # is consistent, and the next collector resumes from them.
+        os._exit(1)
+    deadline = time.monotonic() + spec.drain_timeout
+    # All drain at once, so a hung backend does not use up the others' share of the bound.
+    for backend in backends:
+        backend.request_close()
+    clean = all([backend.close_within(deadline) for backend in backends])
+    abandoned = [backend for backend in backends if backend.abandoned]
+    if abandoned:
+        from ranklog.backends.wandb import WandbHandler, teardown_within
+
+        # An abandoned backend may hold its handler's lock (logging.shutdown would wait on it
+        # at exit) or an SDK exit hook that never returns; everything else is flushed and
+        # closed already, so leave without running those hooks. W&B's hook is the one that
+        # completes a healthy run on disk: give it a bounded chance first.
+        _log.error(
+            "exiting without the abandoned backend(s): %s",
+            ", ".join(str(backend.name) for backend in abandoned),
+        )
+        if not any(isinstance(backend.inner, WandbHandler) for backend in abandoned):
+            teardown_within(2.0)
+        sys.stderr.flush()
+        os._exit(1)
+    return 0 if clean else 1
+
+
+def main() -> int:
+    # The collector drives this process through its stdin; a Ctrl-C meant for the
+    # collector (sent to the whole process group) must not cut the backends short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Only the ready line goes to the collector; anything an SDK prints goes to stderr.
+    ready = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    spec = BackendSpec.from_line(sys.stdin.readline())
+    log_to_stderr(spec.log_level)
+    try:
+        return _serve(spec, ready)
+    except ConfigError as exc:
+        ready.write(json.dumps({"error": str(exc)}) + "\n")
+        return 2
+    finally:
+        with contextlib.suppress(OSError):
+            ready.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The names a user may write, checked the same way on a rank and in the collector.
+
+The rank side validates backend and policy names before training starts; what each name
+means lives in ``ranklog.backends`` (its registry and policies), which checks that it
+knows exactly these names.
+
+>>> parse_policy_spec("tensorboard=mean, wandb=rank0")
+{'tensorboard': 'mean', 'wandb': 'rank0'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ranklog.errors import ConfigError
+
+BACKEND_NAMES = ("async", "tensorboard", "wandb", "mlflow")
+REDUCING_POLICIES = ("mean", "min", "max", "sum")
+POLICY_NAMES = ("rank0", "first", "all", *REDUCING_POLICIES)
+DEFAULT_POLICY_TIMEOUT = 10.0
+
+
+def parse_logger_types(loggers: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"async, tensorboard"`` or a list -> validated list of backend names."""
+    names = loggers.split(",") if isinstance(loggers, str) else list(loggers)
+    names = [name.strip() for name in names if name.strip()]
+    unknown = [name for name in names if name not in BACKEND_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"unknown logger type(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(BACKEND_NAMES)}"
+        )
+    return names
+
+
+def parse_policy_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"tensorboard=mean,wandb=rank0"`` (or a mapping) -> validated ``{backend: policy}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        pairs: list[tuple[str, str]] = []
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            backend, sep, policy = item.partition("=")
+            if not sep or not backend.strip() or not policy.strip():
+                raise ConfigError(f"policy {item!r}: expected BACKEND=POLICY, e.g. wandb=rank0")
+            pairs.append((backend.strip(), policy.strip()))
+    else:
+        pairs = list(spec.items())
+    result: dict[str, str] = {}
+    for backend, policy in pairs:
+        if policy not in POLICY_NAMES:
+            raise ConfigError(
+                f"unknown rank policy {policy!r} for {backend}; expected one of "
+                f"{', '.join(POLICY_NAMES)}"
+            )
+        result[backend] = policy
+    return result
+
+
+def format_policy_spec(policies: Mapping[str, str]) -> str:
+    """The inverse of :func:`parse_policy_spec`, for a command line."""
+    return ",".join(f"{backend}={policy}" for backend, policy in policies.items())
