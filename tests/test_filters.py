@@ -54,6 +54,38 @@ class TestIsRank0Filter:
         assert f.filter(_record({}))  # nothing known: rank 0
 
 
+class TestIsRank0FilterSourceOrder:
+    """The seed's documented order: explicit rank_val, the record's attribute, the message
+    dict, the environment, torch.distributed; each source only when the earlier ones have
+    no rank."""
+
+    def test_explicit_rank_val_beats_the_record(self) -> None:
+        assert IsRank0Filter(rank_val=0).filter(_record({}, rank=1))
+        assert not IsRank0Filter(rank_val=1).filter(_record({}, rank=0))
+
+    def test_record_attribute_beats_the_message_dict(self) -> None:
+        assert IsRank0Filter().filter(_record({"rank": 1}, rank=0))
+        assert not IsRank0Filter().filter(_record({"rank": 0}, rank=1))
+
+    def test_message_dict_beats_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("RANK", "0")
+        assert not IsRank0Filter().filter(_record({"rank": 1, "loss": 0.5}))
+        monkeypatch.setenv("RANK", "2")
+        assert IsRank0Filter().filter(_record({"rank": 0, "loss": 0.5}))
+
+    def test_message_dict_local_rank(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert not IsRank0Filter(local_rank=True).filter(_record({"local_rank": 3}))
+
+    def test_environment_then_nothing_means_rank0(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # torch.distributed is not initialised in this process (test_handler's
+        # test_torch_distributed covers that source in a process of its own).
+        monkeypatch.setenv("RANK", "1")
+        assert not IsRank0Filter().filter(_record({"loss": 0.5}))
+        monkeypatch.delenv("RANK")
+        assert IsRank0Filter().filter(_record({"loss": 0.5}))
+
+
 class TestFormatDictFilter:
     """Dicts become `k=v` strings; other messages pass untouched."""
 

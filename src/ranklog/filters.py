@@ -21,10 +21,18 @@ class IsMappingFilter(logging.Filter):
 class IsRank0Filter(logging.Filter):
     """Pass only records from rank 0.
 
-    The rank is, in order: the record's own ``rank`` (or ``local_rank``) attribute — in
-    the collector that is the rank the record came from —, the explicit ``rank_val``, the
-    ``RANK`` / ``LOCAL_RANK`` environment variable, ``torch.distributed`` if it is
-    initialised, else 0. Unlike the seed, an explicit 0 counts as 0.
+    The rank comes from the first of these sources that has one, in the seed's order:
+
+    1. the explicit ``rank_val``;
+    2. the record's ``rank`` (or ``local_rank``) attribute: in the collector, the rank the
+       record came from;
+    3. the ``rank`` (or ``local_rank``) key of the message dict;
+    4. the ``RANK`` (or ``LOCAL_RANK``) environment variable;
+    5. ``torch.distributed``, if it is initialised (global rank only);
+    6. else 0.
+
+    Unlike the seed, a 0 found at any step counts as 0 rather than falling through to the
+    next source (``rank_val=0`` passes every record).
     """
 
     def __init__(self, rank_val: int | None = None, local_rank: bool = False) -> None:
@@ -33,11 +41,14 @@ class IsRank0Filter(logging.Filter):
         self.rank_attr = "local_rank" if local_rank else "rank"
 
     def _rank(self, record: logging.LogRecord) -> int:
+        if self.rank_val is not None:
+            return int(self.rank_val)
         from_record = getattr(record, self.rank_attr, None)
         if from_record is not None:
             return int(from_record)
-        if self.rank_val is not None:
-            return int(self.rank_val)
+        msg = record.msg
+        if isinstance(msg, Mapping) and msg.get(self.rank_attr) is not None:
+            return int(msg[self.rank_attr])
         from_env = os.environ.get(self.rank_attr.upper())
         if from_env is not None:
             return int(from_env)

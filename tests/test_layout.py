@@ -1,0 +1,104 @@
+"""The layout is the architecture: a training rank loads only the rank side, and each
+process role imports only from itself and the shared modules (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ranklog"
+SHARED = {
+    "ranklog",
+    "ranklog.wire",
+    "ranklog.journal",
+    "ranklog.pipe",
+    "ranklog.names",
+    "ranklog.errors",
+    "ranklog.filters",
+    "ranklog.flatten",
+    "ranklog.run_name",
+    "ranklog.endpoints",
+    "ranklog.reporting",
+}
+ROLES = ("rank", "collector", "backends")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _ranklog_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            found.update(name for name in names if name.startswith("ranklog"))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ranklog"))
+    return found
+
+
+def _allowed(importer: str, imported: str) -> bool:
+    role = importer.split(".")[1] if importer.count(".") else None
+    if imported in SHARED or any(imported.startswith(f"{m}.") for m in SHARED - {"ranklog"}):
+        return True
+    return role is not None and imported.startswith(f"ranklog.{role}")
+
+
+class TestRankProcessLoadsOnlyTheRankSide:
+    """What `import ranklog` and a handler cost a training process."""
+
+    def test_no_collector_backend_or_sdk_module_after_setup_import_and_handler(self) -> None:
+        script = (
+            "import sys, ranklog\n"
+            "from ranklog import setup_metric_logger, ZMQSocketHandler\n"
+            "ZMQSocketHandler('tcp://127.0.0.1:9', close_timeout=0.1)\n"
+            "heavy = ('tensorboard', 'wandb', 'mlflow', 'yaml', 'rich', 'orjson', 'numpy', "
+            "'torch')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+            "      or m.startswith(('ranklog.collector', 'ranklog.backends'))))\n"
+        )
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", script],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
+
+    @pytest.mark.parametrize(
+        "name", ["Collector", "AsyncStructuredHandler", "TensorBoardHandler", "WandbHandler"]
+    )
+    def test_collector_side_names_still_import_from_ranklog(self, name: str) -> None:
+        import ranklog
+
+        assert getattr(ranklog, name).__name__ == name
+
+    def test_an_unknown_name_is_an_attribute_error(self) -> None:
+        import ranklog
+
+        with pytest.raises(AttributeError, match="no_such_thing"):
+            ranklog.no_such_thing  # noqa: B018
+
+
+class TestRolesImportOnlyThemselvesAndTheSharedModules:
+    """rank/, collector/ and backends/ never import one another; shared modules import
+    only shared modules."""
+
+    @pytest.mark.parametrize(
+        "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
+    )
+    def test_imports(self, path: Path) -> None:
+        importer = _module_name(path)
+        if importer.startswith("ranklog.demo") or importer in ("ranklog", "ranklog.__main__"):
+            return  # the demo uses the API; the package and `python -m` are entry points
+        wrong = sorted(i for i in _ranklog_imports(path) if not _allowed(importer, i))
+        assert wrong == [], f"{importer} imports across roles: {wrong}"
+
+    def test_every_module_belongs_to_a_role_or_is_shared(self) -> None:
+        for path in PACKAGE.rglob("*.py"):
+            name = _module_name(path)
+            top = name.split(".")[1] if name.count(".") else None
+            assert name in SHARED or top in (*ROLES, "demo", "__main__"), name
