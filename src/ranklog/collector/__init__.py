@@ -1,2 +1,13 @@
-"""The collector's receive loop: decode, validate, de-duplicate, journal, acknowledge; the
-ranks' liveness and status; ``ranklog collect`` and ``ranklog replay``."""
+"""The collector: receive every rank's envelopes, journal them, acknowledge, and run the
+backends' process that follows the journal.
+
+- ``collector``: the entry points ``serve`` (``ranklog collect``) and ``replay`` (``ranklog
+  replay``), and ``Collector``, the library object over them.
+- ``settings``: what a collector is told, and every default of it.
+- ``receive``: the receive step, frames in, what to journal and acknowledge out (no sockets).
+- ``router``: the ROUTER socket and its CURVE authenticator.
+- ``store``: the journal, what was accepted into it, and the backends' process.
+- ``peers``: the rank table and per-incarnation de-duplication.
+- ``liveness``: silent ranks and the exit rule; ``events``: the events file, the status line.
+- ``backend_process``: the handle on the backends' process; ``cli``: the command line.
+"""

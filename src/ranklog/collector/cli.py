@@ -7,24 +7,39 @@ import logging
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
-from ranklog.collector.collector import DEFAULT_BIND, Collector
+from ranklog.collector.collector import replay, serve
+from ranklog.collector.settings import BackendSettings, ServeSettings
 from ranklog.endpoints import ENDPOINT_ENV
 from ranklog.errors import ConfigError
-from ranklog.names import DEFAULT_POLICY_TIMEOUT
 from ranklog.reporting import log_to_stderr
+
+_log = logging.getLogger(__name__)
+_Settings = TypeVar("_Settings", BackendSettings, ServeSettings)
 
 
 def _backend_flags() -> argparse.ArgumentParser:
     """Flags that say what the backends are: shared by ``collect`` and ``replay``."""
     flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--output-dir", "--output_dir", default="logs", help="where backends write")
+    flags.add_argument(
+        "--output-dir",
+        "--output_dir",
+        default=BackendSettings.output_dir,
+        help="where backends write",
+    )
     flags.add_argument(
         "--logger-type",
         "--logger_type",
-        default="async",
+        dest="logger_types",
+        metavar="LOGGER_TYPE",
+        default=BackendSettings.logger_types,
         help="comma-separated backends: async (JSONL), tensorboard, wandb, mlflow",
     )
     flags.add_argument(
@@ -47,7 +62,7 @@ def _backend_flags() -> argparse.ArgumentParser:
     flags.add_argument(
         "--policy-timeout",
         type=float,
-        default=DEFAULT_POLICY_TIMEOUT,
+        default=BackendSettings.policy_timeout,
         help="seconds a mean/min/max/sum step waits for missing ranks before it is emitted "
         "as partial",
     )
@@ -55,7 +70,7 @@ def _backend_flags() -> argparse.ArgumentParser:
     flags.add_argument(
         "--drain-timeout",
         type=float,
-        default=30.0,
+        default=BackendSettings.drain_timeout,
         help="seconds backends get to drain on shutdown; one still busy then is abandoned "
         "(what it missed stays in the journal: `ranklog replay` writes it later)",
     )
@@ -63,22 +78,12 @@ def _backend_flags() -> argparse.ArgumentParser:
     return flags
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ranklog", description="Sidecar metrics collector for distributed training."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    backend_flags = _backend_flags()
-    collect = commands.add_parser(
-        "collect",
-        parents=[backend_flags],
-        help="run the collector",
-        description="Receive every rank's metric records and write them to the backends.",
-    )
+def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
+    """Flags of ``collect`` alone: the socket, liveness and the exit rule."""
     collect.add_argument(
         "--bind",
-        default=os.environ.get(ENDPOINT_ENV, DEFAULT_BIND),
-        help=f"ZeroMQ endpoint to listen on (default: ${ENDPOINT_ENV} or {DEFAULT_BIND}); "
+        default=os.environ.get(ENDPOINT_ENV, ServeSettings.bind),
+        help=f"ZeroMQ endpoint to listen on (default: ${ENDPOINT_ENV} or {ServeSettings.bind}); "
         "tcp://127.0.0.1:* picks a free port",
     )
     collect.add_argument(
@@ -89,11 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     collect.add_argument(
         "--silence-timeout",
         type=float,
-        default=60.0,
+        default=ServeSettings.silence_timeout,
         help="seconds without a heartbeat before a rank counts as gone",
     )
     collect.add_argument(
-        "--status-interval", type=float, default=30.0, help="seconds between status lines"
+        "--status-interval",
+        type=float,
+        default=ServeSettings.status_interval,
+        help="seconds between status lines",
     )
     collect.add_argument(
         "--allow-remote", action="store_true", help="allow listening on interfaces beyond loopback"
@@ -111,6 +119,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="CURVE: directory of allowed client public key files (*.key)",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ranklog", description="Sidecar metrics collector for distributed training."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    backend_flags = _backend_flags()
+    collect = commands.add_parser(
+        "collect",
+        parents=[backend_flags],
+        help="run the collector",
+        description="Receive every rank's metric records and write them to the backends.",
+    )
+    _add_serve_flags(collect)
     replay = commands.add_parser(
         "replay",
         parents=[backend_flags],
@@ -144,25 +167,30 @@ def _make_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collector(args: argparse.Namespace) -> Collector:
-    live = args.command == "collect"
-    return Collector(
-        args.bind if live else DEFAULT_BIND,
-        output_dir=args.output_dir,
-        logger_types=args.logger_type,
-        run_name=args.run_name,
-        config=args.config,
-        world_size=args.world_size,
-        exit_when_done=live and args.exit_when_done,
-        silence_timeout=args.silence_timeout if live else 60.0,
-        drain_timeout=args.drain_timeout,
-        status_interval=args.status_interval if live else 30.0,
-        allow_remote=live and args.allow_remote,
-        policy=args.policy,
-        policy_timeout=args.policy_timeout,
-        curve_secret=args.curve_secret if live else None,
-        curve_allow=args.curve_allow if live else None,
-    )
+def _settings(kind: type[_Settings], args: argparse.Namespace, **given: Any) -> _Settings:
+    """``kind`` from the flags named as its fields (each flag's default is that field's)."""
+    flags = {f.name: getattr(args, f.name) for f in fields(kind) if f.init and f.name not in given}
+    return kind(**flags, **given)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``collect`` or ``replay``; SIGTERM and SIGINT stop a collector, which then drains."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        _log.info("%s received; draining", signal.Signals(signum).name)
+        stop.set()
+
+    # Settings first: a bad flag fails before any signal handler is installed.
+    run: Callable[[], int]
+    if args.command == "collect":
+        backends = _settings(BackendSettings, args)
+        run = partial(serve, _settings(ServeSettings, args, backends=backends), stop)
+    else:  # replay ignores the stop request: the drain timeout bounds it already
+        run = partial(replay, _settings(BackendSettings, args), from_start=args.from_start)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,27 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return _make_keys(args)
     log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
     try:
-        collector = _collector(args)
+        return _run(args)
     except ConfigError as exc:
         print(f"ranklog {args.command}: {exc}", file=sys.stderr)
         return 2
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        logging.getLogger(__name__).info("%s received; draining", signal.Signals(signum).name)
-        collector.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        code = (
-            collector.run()
-            if args.command == "collect"
-            else collector.replay(from_start=args.from_start)
-        )
-    except ConfigError as exc:
-        print(f"ranklog {args.command}: {exc}", file=sys.stderr)
-        return 2
-    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Which ranks went silent, and when a collector run with ``--exit-when-done`` may exit."""
+
+from __future__ import annotations
+
+import logging
+
+from ranklog.collector.events import Event, event
+from ranklog.collector.peers import RankTable
+from ranklog.reporting import ReportOnce
+
+_log = logging.getLogger(__name__)
+_QUIET_BEFORE_EXIT = 0.3
+_LONGEST_WAIT_FOR_QUIET = 3.0
+
+
+class Liveness:
+    """Watches ``ranks``: one unheard for ``silence_timeout`` seconds counts as gone.
+
+    Done means each of the ``world_size`` ranks (without one, the largest any rank
+    reported) finished, went silent, or never connected within ``silence_timeout`` of
+    ``started_at``.
+    """
+
+    def __init__(
+        self, ranks: RankTable, world_size: int | None, silence_timeout: float, started_at: float
+    ) -> None:
+        self.ranks = ranks
+        self.world_size = world_size
+        self.silence_timeout = silence_timeout
+        self.started_at = started_at
+        self._done_at: float | None = None
+        self._report = ReportOnce(_log)
+
+    def newly_silent(self, now: float) -> list[Event]:
+        """Report the ranks that just went silent."""
+        events = []
+        for peer in self.ranks.newly_silent(now, self.silence_timeout):
+            _log.warning(
+                "rank %d (host %s, pid %d) has been silent for %.0fs; counting it as gone",
+                peer.rank,
+                peer.host,
+                peer.pid,
+                now - peer.last_seen,
+            )
+            events.append(
+                event("rank_silent", rank=peer.rank, pid=peer.pid, last_step=peer.last_step)
+            )
+        return events
+
+    def may_exit(self, now: float, last_message_at: float) -> bool:
+        """Every rank is done, and the ranks are quiet: a rank whose last ack went missing
+        can resend once and hear back, rather than wait out its close timeout."""
+        if not self._all_done(now):
+            return False
+        done_at = self._done_at = self._done_at or now
+        quiet_since = max(last_message_at, done_at)
+        return now - quiet_since >= _QUIET_BEFORE_EXIT or now - done_at >= _LONGEST_WAIT_FOR_QUIET
+
+    def _all_done(self, now: float) -> bool:
+        world_size = self.world_size or self.ranks.largest_world_size()
+        done = self.ranks.all_done(world_size, now, self.started_at, self.silence_timeout)
+        absent = self.ranks.never_seen(world_size)
+        if done and absent:
+            self._report(
+                "never-connected",
+                "rank(s) %s never connected within %.0fs; counting them as gone",
+                ", ".join(map(str, absent)),
+                self.silence_timeout,
+            )
+        return done

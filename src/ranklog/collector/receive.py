@@ -1,0 +1,199 @@
+"""The receive step: frames in, what to journal and what to acknowledge out. No sockets.
+
+>>> received = receive([(b"route", [frame])], ranks, stats, now)  # doctest: +SKIP
+>>> journal_them(received.frames); received.apply(stats); send(received.acks())  # doctest: +SKIP
+
+:func:`receive` decodes and validates each frame (:func:`ranklog.wire.decode`), rejects what
+is not a valid envelope with a counted reason, and de-duplicates records and goodbyes by
+(run, rank, incarnation, seq). Once the accepted frames are durable, :meth:`Received.apply`
+accounts for them, and :meth:`Received.acks` says, per route, how far each rank is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ranklog.collector.events import Event, event
+from ranklog.collector.peers import Peer, PeerKey, RankTable
+from ranklog.errors import ProtocolError
+from ranklog.reporting import ReportOnce
+from ranklog.wire import ACK, GOODBYE, RECORD, decode, pack_ack
+
+_log = logging.getLogger(__name__)
+MAX_INCARNATIONS = 100_000
+_QUIET_JOINS_ABOVE = 4096  # past this many incarnations a join is noise (or an attack)
+
+Message = tuple[bytes, Sequence[bytes]]  # (ROUTER route, the message's frames)
+
+
+@dataclass
+class CollectorStats:
+    """Counters the collector reports in its status line and on exit. ``rejected`` counts
+    rejected frames by reason, and logs the first of each reason."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: ReportOnce = field(default_factory=lambda: ReportOnce(_log))
+
+
+@dataclass
+class Received:
+    """What one batch of messages brought: new records and goodbyes, the routes to
+    acknowledge, and the events to note."""
+
+    accepted: list[tuple[Peer, dict[str, Any], bytes]] = field(default_factory=list)
+    routes: dict[tuple[bytes, PeerKey], Peer] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    _seen: set[tuple[PeerKey, int]] = field(default_factory=set)
+
+    @property
+    def frames(self) -> list[bytes]:
+        """The frames to journal, in order."""
+        return [frame for _, _, frame in self.accepted]
+
+    def apply(self, stats: CollectorStats) -> None:
+        """Account for the accepted frames, once they are durable."""
+        for peer, envelope, _ in self.accepted:
+            try:
+                self.events.extend(account(peer, envelope, stats))
+            except Exception:  # one bad record must never stop the others
+                stats.rejected(
+                    "internal-error",
+                    "error while applying a record; it was skipped",
+                    exc_info=True,
+                    level=logging.ERROR,
+                )
+
+    def acks(self) -> list[tuple[bytes, bytes]]:
+        """``(route, ack frame)`` per rank incarnation heard from: its contiguous seq."""
+        return [
+            (route, pack_ack(run, rank, inc, peer.tracker.contiguous))
+            for (route, (run, rank, inc)), peer in self.routes.items()
+        ]
+
+
+def receive(
+    messages: Iterable[Message], ranks: RankTable, stats: CollectorStats, now: float
+) -> Received:
+    """Decode, validate and de-duplicate every frame of ``messages``; add the incarnations
+    first heard to ``ranks`` and count rejections and duplicates in ``stats``."""
+    received = Received()
+    for route, frames in messages:
+        for frame in frames:
+            try:
+                _receive_frame(route, frame, ranks, stats, now, received)
+            except ProtocolError as exc:
+                stats.rejected(
+                    exc.reason,
+                    "rejected a frame (%s); further ones of this kind are only counted",
+                    exc,
+                )
+            except Exception as exc:  # a bug must cost one frame, never the collector
+                stats.rejected(
+                    "internal-error",
+                    "error while handling a frame (%s: %s); it was dropped",
+                    type(exc).__name__,
+                    exc,
+                    exc_info=True,
+                    level=logging.ERROR,
+                )
+    return received
+
+
+def _receive_frame(
+    route: bytes, frame: bytes, ranks: RankTable, stats: CollectorStats, now: float, into: Received
+) -> None:
+    envelope = decode(frame)
+    kind = envelope["kind"]
+    if kind == ACK:
+        raise ProtocolError("unexpected-kind", "a rank sent an ack")
+    key = (envelope["run"], envelope["rank"], envelope["inc"])
+    peer = ranks.get(key)
+    if peer is None:
+        if len(ranks) >= MAX_INCARNATIONS:
+            raise ProtocolError("too-many-ranks", f"over {MAX_INCARNATIONS} incarnations")
+        peer = ranks.add(key, _new_peer(envelope))
+        _log.log(
+            logging.INFO if len(ranks) <= _QUIET_JOINS_ABOVE else logging.DEBUG,
+            "rank %d joined (host %s, pid %d, world size %d)",
+            peer.rank,
+            peer.host,
+            peer.pid,
+            peer.world_size,
+        )
+        into.events.append(event("rank_joined", rank=peer.rank, host=peer.host, pid=peer.pid))
+    if peer.silent:
+        peer.silent = False
+        into.events.append(event("rank_resumed", rank=peer.rank, pid=peer.pid))
+    peer.last_seen = now
+    into.routes[(route, key)] = peer
+    if kind in (RECORD, GOODBYE):
+        seq = envelope["seq"]
+        if peer.tracker.seen(seq) or (key, seq) in into._seen:
+            stats.duplicates += 1
+            return
+        into._seen.add((key, seq))
+        into.accepted.append((peer, envelope, frame))
+    else:
+        _note_counters(peer, envelope)
+
+
+def _new_peer(envelope: dict[str, Any]) -> Peer:
+    return Peer(
+        rank=envelope["rank"],
+        world_size=envelope["world_size"],
+        host=envelope["host"],
+        pid=envelope["pid"],
+    )
+
+
+def _note_counters(peer: Peer, envelope: dict[str, Any]) -> None:
+    peer.dropped = max(peer.dropped, envelope["dropped"])
+    peer.converted = max(peer.converted, envelope["converted"])
+    peer.tracker.skip_below(envelope["base"])
+
+
+def account(
+    peer: Peer, envelope: dict[str, Any], stats: CollectorStats, *, live: bool = True
+) -> list[Event]:
+    """Account for one journaled record or goodbye (live, or read back after a restart).
+    The backends read the record itself from the journal."""
+    peer.tracker.accept(envelope["seq"])
+    if envelope["kind"] == RECORD:
+        stats.accepted += 1
+        if envelope["step"] is not None:
+            peer.last_step = envelope["step"]
+        return []
+    peer.goodbye_seq = envelope["seq"]
+    _note_counters(peer, envelope)
+    if not live:
+        return []
+    _log.info(
+        "rank %d said goodbye (%d dropped on the rank, %d values sent as repr)",
+        peer.rank,
+        peer.dropped,
+        peer.converted,
+    )
+    return [event("rank_finished", rank=peer.rank, pid=peer.pid, dropped=peer.dropped)]
+
+
+def recover(frames: Iterable[bytes], ranks: RankTable, stats: CollectorStats, now: float) -> int:
+    """Account for frames read back from the journal: every seq accepted before. Returns
+    how many there were."""
+    total = 0
+    for frame in frames:
+        try:
+            envelope = decode(frame)
+        except ProtocolError:
+            continue
+        key = (envelope["run"], envelope["rank"], envelope["inc"])
+        peer = ranks.get(key)
+        if peer is None:
+            peer = ranks.add(key, _new_peer(envelope))
+            peer.last_seen = now
+        account(peer, envelope, stats, live=False)
+        total += 1
+    return total

@@ -1,0 +1,95 @@
+"""What a collector is told: the one place its defaults are written.
+
+``ranklog collect`` and ``ranklog replay`` take their flags' defaults from these fields, and
+so does :class:`~ranklog.collector.collector.Collector`'s constructor.
+
+>>> ServeSettings(BackendSettings(world_size=2), exit_when_done=True).silence_timeout
+60.0
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ranklog.endpoints import is_local_only
+from ranklog.errors import ConfigError
+from ranklog.names import DEFAULT_POLICY_TIMEOUT, parse_logger_types, parse_policy_spec
+from ranklog.pipe import BackendSpec
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What the backends are and where they write: all that ``replay`` needs.
+
+    ``logger_types`` and ``policy`` are checked on construction (a :class:`ConfigError`
+    names the problem); ``loggers`` and ``policies`` hold them parsed.
+    """
+
+    output_dir: str | Path = "logs"
+    logger_types: str | list[str] = "async"
+    run_name: str | None = None
+    config: str | Path | None = None  # a dictConfig file, instead of ``logger_types``
+    world_size: int | None = None
+    policy: str | Mapping[str, str] | None = None  # per backend: rank0, first, all, mean, ...
+    policy_timeout: float = DEFAULT_POLICY_TIMEOUT
+    drain_timeout: float = 30.0
+    loggers: list[str] = field(init=False)
+    policies: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loggers", parse_logger_types(self.logger_types))
+        object.__setattr__(self, "policies", parse_policy_spec(self.policy))
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+    def spec(self, *, from_start: bool, log_level: int = logging.INFO) -> BackendSpec:
+        """What the backends' process is to run."""
+        return BackendSpec(
+            output_dir=str(self.output_dir),
+            loggers=self.loggers,
+            run_name=self.run_name,
+            config=str(self.config) if self.config else None,
+            policies=self.policies,
+            world_size=self.world_size,
+            policy_timeout=self.policy_timeout,
+            drain_timeout=self.drain_timeout,
+            from_start=from_start,
+            log_level=log_level,
+        )
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """A listening collector: its backends, plus the socket, liveness and exit rule.
+
+    Binding TCP beyond loopback needs ``allow_remote``; ``exit_when_done`` needs the
+    backends' ``world_size``; ``curve_allow`` needs ``curve_secret``.
+    """
+
+    backends: BackendSettings = field(default_factory=BackendSettings)
+    bind: str = "tcp://127.0.0.1:5555"
+    exit_when_done: bool = False
+    silence_timeout: float = 60.0  # seconds without a heartbeat before a rank counts as gone
+    status_interval: float = 30.0
+    allow_remote: bool = False
+    curve_secret: Path | None = None  # the collector's own key pair (``ranklog keys``)
+    curve_allow: Path | None = None  # a directory of allowed client public keys
+
+    def __post_init__(self) -> None:
+        if not self.allow_remote and not is_local_only(self.bind):
+            raise ConfigError(
+                f"refusing to listen on {self.bind}: beyond this machine; pass "
+                "allow_remote=True (--allow-remote) to accept ranks from other hosts"
+            )
+        if self.curve_allow is not None and self.curve_secret is None:
+            raise ConfigError("curve_allow needs curve_secret: the collector's own key pair")
+        if self.exit_when_done and not self.backends.world_size:
+            raise ConfigError("exit_when_done needs world_size: how many ranks to wait for")
+
+
+DEFAULT_BIND = ServeSettings.bind
