@@ -77,10 +77,3 @@ def test_full_disk_rewind_rebuilds_the_policy(small_disk: Path) -> None:
         {"lr": 0.1, "timestamp": rows[0]["timestamp"]},
         {"loss": 1, "step": 1, "timestamp": rows[1]["timestamp"]},
     ]
-
-
-def test_a_failing_logger_filter_costs_one_record(tmp_path: Path) -> None:
-    log = phase(tmp_path, "filter", "1")
-    assert "clean" in log
-    assert "a logger filter failed" in log
-    assert [row["x"] for row in read_jsonl(tmp_path / "all.jsonl")] == [1, 3]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 
 DEFAULT_RUN_NAME = "{time}_rank{rank}"
 DEFAULT_JSONL_NAME = "training_params_and_metrics_global{rank}"
@@ -36,3 +38,30 @@ def substitute_placeholders(
     for placeholder, value in values.items():
         template = template.replace(placeholder, str(value))
     return template
+
+
+def run_name_for(
+    run_name: str | None,
+    record: logging.LogRecord,
+    *,
+    now: datetime,
+    default_template: str = DEFAULT_RUN_NAME,
+) -> str:
+    """:func:`substitute_placeholders` with the rank and local rank ``record`` came from (in
+    the collector), and ``now`` the time the handler started."""
+    return substitute_placeholders(
+        run_name,
+        default_template,
+        rank=getattr(record, "rank", None),
+        local_rank=getattr(record, "local_rank", None),
+        now=now,
+    )
+
+
+def path_inside(log_dir: Path, name: str, suffix: str = "") -> Path:
+    """``log_dir / (name + suffix)``; a ValueError if a run name leads outside ``log_dir``
+    (``..``, an absolute path)."""
+    path = log_dir / f"{name}{suffix}"
+    if not path.resolve().is_relative_to(log_dir.resolve()):
+        raise ValueError(f"run name {name!r} leads outside {log_dir}")
+    return path

@@ -15,9 +15,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ranklog.backends.policies import RankPolicy
 
 _log = logging.getLogger(__name__)
+_HISTORY = 32  # earlier checkpoints kept (about as many seconds)
 
 
 def load(path: Path, backend: str) -> dict[str, Any] | None:
@@ -46,6 +50,36 @@ def save(path: Path, state: dict[str, Any]) -> None:
         os.fsync(directory)  # the rename itself, so that a power loss cannot undo it
     finally:
         os.close(directory)
+
+
+def next_state(
+    last: dict[str, Any] | None,
+    offset: int,
+    backend: dict[str, Any] | None,
+    policy: RankPolicy | None,
+) -> dict[str, Any]:
+    """The checkpoint to save after ``last``: read through ``offset``, the handler's own
+    ``backend`` state (None if it keeps none) merged over the last one, and the policy's."""
+    last = last or {}
+    state: dict[str, Any] = {
+        "offset": offset,
+        "backend": None if backend is None else merged(last.get("backend"), backend),
+        "policy": None
+        if policy is None
+        else {
+            "state": policy.checkpoint(),
+            "held": policy.held_starts(),
+            "remember_from": policy.remember_from(),
+        },
+    }
+    if policy is not None:
+        # Earlier positions with their policy states: for a backend that turns out, after a
+        # crash, to have got less far than its last checkpoint (W&B).
+        history = last.get("history", [])
+        if last.get("offset") != offset and "policy" in last:
+            history = [{"offset": last["offset"], "policy": last["policy"]}, *history]
+        state["history"] = history[:_HISTORY]
+    return state
 
 
 def policy_at(saved: dict[str, Any], offset: int) -> tuple[int, Any]:

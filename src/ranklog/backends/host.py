@@ -69,18 +69,22 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
     clean = all([backend.close_within(deadline) for backend in backends])
     abandoned = [backend for backend in backends if backend.abandoned]
     if abandoned:
-        from ranklog.backends.wandb import WandbHandler, teardown_within
-
         # An abandoned backend may hold its handler's lock (logging.shutdown would wait on it
         # at exit) or an SDK exit hook that never returns; everything else is flushed and
-        # closed already, so leave without running those hooks. W&B's hook is the one that
-        # completes a healthy run on disk: give it a bounded chance first.
+        # closed already, so leave without running those hooks. An SDK's hook that completes
+        # a healthy run on disk (W&B's) gets a bounded chance first, unless it is the one hung.
         _log.error(
             "exiting without the abandoned backend(s): %s",
             ", ".join(str(backend.name) for backend in abandoned),
         )
-        if not any(isinstance(backend.inner, WandbHandler) for backend in abandoned):
-            teardown_within(2.0)
+        hung = {type(backend.handler) for backend in abandoned}
+        teardowns = {
+            type(backend.handler): backend.exit_teardown
+            for backend in backends
+            if backend.exit_teardown is not None and type(backend.handler) not in hung
+        }
+        for teardown in teardowns.values():
+            teardown(2.0)
         sys.stderr.flush()
         os._exit(1)
     return 0 if clean else 1

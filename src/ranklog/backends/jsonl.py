@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ranklog.backends.arguments import reject_unknown
 from ranklog.flatten import flatten_dict
-from ranklog.run_name import DEFAULT_JSONL_NAME, substitute_placeholders
+from ranklog.run_name import DEFAULT_JSONL_NAME, path_inside, run_name_for
 
 _SPILL_BYTES = 1 << 16
 
@@ -99,11 +99,20 @@ class AsyncStructuredHandler(logging.Handler):
     The file is ``log_dir/<run_name>.jsonl``; ``run_name`` defaults to
     ``training_params_and_metrics_global{rank}``. In the collector ``{rank}`` and
     ``{local_rank}`` are the rank the record came from, so each rank gets its own file.
-    Writes are buffered and flushed every ``flush_interval`` seconds and on close; memory
-    stays flat however long the run.
+    InstructLab's ``file_name`` argument names one file for all instead. Writes are
+    buffered; a record written ``flush_interval`` seconds or more after the last flush
+    flushes them, and so does ``close``; memory stays flat however long the run. There is
+    no timer thread: in the backends' process the runner flushes at each checkpoint.
+
+    Exactly once after a crash: it implements ``protocol.Rewindable`` (each file's size at a
+    checkpoint, cut back to on restart or after a write error).
 
     >>> handler = AsyncStructuredHandler(log_dir="logs")  # doctest: +SKIP
     """
+
+    #: No rank policy by default: every rank's records, each rank to its own file.
+    default_rank_policy: str | None = None
+    keeps_ranks_apart: bool = True
 
     def __init__(
         self,
@@ -112,14 +121,16 @@ class AsyncStructuredHandler(logging.Handler):
         log_dir: str | os.PathLike[str] = "logs",
         *,
         flush_interval: float = 1.0,
+        file_name: str | os.PathLike[str] | None = None,
         **struct_init_kwargs: Any,
     ) -> None:
+        reject_unknown(type(self).__name__, struct_init_kwargs, "file_name or flush_interval")
         super().__init__(level)
         self.log_dir = Path(log_dir)
         self.run_name = run_name
-        self.file_name: Path | None = (
-            Path(struct_init_kwargs.pop("file_name")) if "file_name" in struct_init_kwargs else None
-        )
+        self.file_name = Path(file_name) if file_name is not None else None
+        self.flush_interval = flush_interval
+        self._next_flush = 0.0  # the first record is written at once
         self._started = datetime.now()
         self._encode = _json_encoder()
         self._timestamp = _Timestamps()
@@ -135,11 +146,6 @@ class AsyncStructuredHandler(logging.Handler):
         # In the collector a write error (a full disk) must reach the backend's thread,
         # which rewinds to the last checkpoint and retries from the journal.
         self.raise_os_errors = False
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(
-            target=self._flush_periodically, args=(flush_interval,), daemon=True
-        )
-        self._flusher.start()
 
     def path_for(self, record: logging.LogRecord) -> Path:
         """The file a record goes to (placeholders filled from the record's rank)."""
@@ -149,16 +155,10 @@ class AsyncStructuredHandler(logging.Handler):
             if self.file_name is not None:
                 path = self.file_name
             else:
-                name = substitute_placeholders(
-                    self.run_name,
-                    DEFAULT_JSONL_NAME,
-                    rank=key[0],
-                    local_rank=key[1],
-                    now=self._started,
+                name = run_name_for(
+                    self.run_name, record, now=self._started, default_template=DEFAULT_JSONL_NAME
                 )
-                path = self.log_dir / f"{name}.jsonl"
-                if not path.resolve().is_relative_to(self.log_dir.resolve()):
-                    raise ValueError(f"run name {self.run_name!r} leads outside {self.log_dir}")
+                path = path_inside(self.log_dir, name, ".jsonl")
             self._paths[key] = path
         return path
 
@@ -182,12 +182,25 @@ class AsyncStructuredHandler(logging.Handler):
             if out is None:
                 out = self._open(path)
             out.write(self._encode(entry))
+            self._flush_when_due()
         except OSError:
             if self.raise_os_errors:
                 raise
             self.handleError(record)
         except Exception:
             self.handleError(record)
+
+    def _flush_when_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_flush:
+            return
+        self._next_flush = now + self.flush_interval
+        try:
+            self.flush()
+        except OSError:
+            if self.raise_os_errors:
+                raise
+            # On a full disk the bytes stay buffered; the next flush tries again.
 
     def _open(self, path: Path) -> _JsonlFile:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,19 +241,12 @@ class AsyncStructuredHandler(logging.Handler):
             self._restore = {**self._opened_at, **(state or {}).get("files", {})}
             self._truncate_others = False
 
-    def _flush_periodically(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            # On a full disk the bytes stay buffered; the next flush tries again.
-            with contextlib.suppress(OSError):
-                self.flush()
-
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             for out in self._files.values():
                 out.flush()
 
     def close(self) -> None:
-        self._stop.set()
         with self.lock:  # type: ignore[union-attr]
             try:
                 self.flush()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklog.flatten import flatten_dict
-from ranklog.run_name import substitute_placeholders
+from ranklog.run_name import run_name_for
 
 _log = logging.getLogger(__name__)
 
@@ -27,11 +27,17 @@ class MLflowHandler(logging.Handler):
     ``create_run`` (``tags``, ``start_time``). The run starts at the first record and ends
     on close. A failure to start is reported once; the collector's other backends go on.
 
+    At least once after a crash: it implements none of ``protocol.Resumable``'s hooks.
+    Metrics already sent to a tracking server cannot be cut back to a checkpoint, so after
+    a crash of the backends' process the records since its last checkpoint (about the last
+    second) are sent again, and a new run is started for them.
+
     >>> handler = MLflowHandler(tracking_uri="http://localhost:5000")  # doctest: +SKIP
     """
 
     #: Rank policy the collector puts in front of this handler unless told otherwise.
-    default_rank_policy = "rank0"
+    default_rank_policy: str | None = "rank0"
+    keeps_ranks_apart: bool = False
 
     def __init__(
         self,
@@ -74,12 +80,7 @@ class MLflowHandler(logging.Handler):
                     if experiment is not None
                     else client.create_experiment(self.experiment_name)
                 )
-            name = substitute_placeholders(
-                self.run_name,
-                rank=getattr(record, "rank", None),
-                local_rank=getattr(record, "local_rank", None),
-                now=self._started,
-            )
+            name = run_name_for(self.run_name, record, now=self._started)
             run = client.create_run(experiment_id, run_name=name, **self.mlflow_init_kwargs)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"

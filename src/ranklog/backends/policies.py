@@ -32,11 +32,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ranklog.backends.records import START_ATTR
+from ranklog.backends.protocol import START_ATTR
 from ranklog.errors import ConfigError
 from ranklog.filters import IsRank0Filter
 from ranklog.flatten import flatten_dict
 from ranklog.names import DEFAULT_POLICY_TIMEOUT, POLICY_NAMES
+from ranklog.reporting import ReportOnce
 
 _log = logging.getLogger(__name__)
 
@@ -249,8 +250,17 @@ class ReducePolicy(RankPolicy):
         self._open: dict[tuple[str, int], list[_Step]] = {}
         self._order = itertools.count()
         self._emitted_step: int | None = None
-        self.partial = 0
-        self.late = 0
+        self._report = ReportOnce(_log)
+
+    @property
+    def partial(self) -> int:
+        """Steps emitted with fewer ranks than expected."""
+        return self._report["partial"]
+
+    @property
+    def late(self) -> int:
+        """Records dropped for a step older than one already emitted."""
+        return self._report["late"]
 
     def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
         step = getattr(record, "step", None)
@@ -321,19 +331,18 @@ class ReducePolicy(RankPolicy):
         msg[RANKS_REPORTED] = reported
         partial = reported < self.world_size
         if partial:
-            self.partial += 1
-            if self.partial == 1:
-                _log.warning(
-                    "policy %s for backend %s: step %d had %d of %d ranks %s; emitted as "
-                    "partial (ranks_reported=%d); further partial steps are counted",
-                    self.name,
-                    self.backend,
-                    group.step,
-                    reported,
-                    self.world_size,
-                    why,
-                    reported,
-                )
+            self._report(
+                "partial",
+                "policy %s for backend %s: step %d had %d of %d ranks %s; emitted as "
+                "partial (ranks_reported=%d); further partial steps are counted",
+                self.name,
+                self.backend,
+                group.step,
+                reported,
+                self.world_size,
+                why,
+                reported,
+            )
         return _derived(group.first, msg, ranks_reported=reported, partial=partial)
 
     def _combine(self, by_rank: dict[int, Any]) -> Any:
@@ -343,17 +352,16 @@ class ReducePolicy(RankPolicy):
         return values[0]
 
     def _count_late(self, step: int) -> None:
-        self.late += 1
-        if self.late == 1:
-            _log.warning(
-                "policy %s for backend %s: a record for step %d arrived after step %d was "
-                "emitted; dropped (raise --policy-timeout if a rank is this slow); further "
-                "late records are counted",
-                self.name,
-                self.backend,
-                step,
-                self._emitted_step,
-            )
+        self._report(
+            "late",
+            "policy %s for backend %s: a record for step %d arrived after step %d was "
+            "emitted; dropped (raise --policy-timeout if a rank is this slow); further "
+            "late records are counted",
+            self.name,
+            self.backend,
+            step,
+            self._emitted_step,
+        )
 
 
 def make_policy(

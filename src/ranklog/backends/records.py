@@ -1,4 +1,4 @@
-"""Envelopes back into ``LogRecord``s, and which handlers of the logger tree a record reaches."""
+"""Envelopes back into ``LogRecord``s."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import logging
 import time
 from typing import Any
 
-OFFSET_ATTR = "ranklog_offset"  # where the record's journal entry ends
-START_ATTR = "ranklog_start"  # where it starts: where to read again to see it again
-
+from ranklog.backends.protocol import OFFSET_ATTR, START_ATTR
 
 # Every attribute LogRecord.__init__ sets, as it sets them for a record with no source
 # location; build_record fills in the rest. Copying it costs a third of what __init__ does.
@@ -46,18 +44,3 @@ def build_record(envelope: dict[str, Any], start: int, end: int) -> logging.LogR
     record = logging.LogRecord.__new__(logging.LogRecord)
     record.__dict__ = attrs
     return record
-
-
-def reaches(handler: logging.Handler, record: logging.LogRecord) -> bool:
-    """Would ``handler`` get ``record`` logged on ``record.name``? (``callHandlers``' walk.)"""
-    logger: logging.Logger | None = logging.getLogger(record.name)
-    assert logger is not None
-    if logger.disabled or not logger.filter(record):
-        return False
-    while logger is not None:
-        if handler in logger.handlers:
-            return record.levelno >= handler.level
-        if not logger.propagate:
-            return False
-        logger = logger.parent
-    return False

@@ -10,19 +10,25 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ranklog.backends.jsonl import AsyncStructuredHandler
+from ranklog.backends.mlflow import MLflowHandler
 from ranklog.backends.policies import RankPolicy, make_policy, unknown_backends
-from ranklog.backends.runner import JournalBackend
+from ranklog.backends.protocol import DeclaresRanks
+from ranklog.backends.route import detach_handlers
+from ranklog.backends.runner import BackendRunner
+from ranklog.backends.tensorboard import TensorBoardHandler
+from ranklog.backends.wandb import WandbHandler
 from ranklog.errors import ConfigError
 from ranklog.names import BACKEND_NAMES, DEFAULT_POLICY_TIMEOUT
 
-# logger type -> (handler factory path, filters). Which ranks reach a backend is its rank
-# policy (``_policy.py``), not a filter: TensorBoard, W&B and MLflow default to rank 0, as in
-# InstructLab; JSONL keeps one file per rank.
-BACKENDS: dict[str, tuple[str, list[str]]] = {
-    "async": ("ranklog.AsyncStructuredHandler", ["is_mapping"]),
-    "tensorboard": ("ranklog.TensorBoardHandler", ["is_mapping"]),
-    "wandb": ("ranklog.WandbHandler", ["is_mapping"]),
-    "mlflow": ("ranklog.MLflowHandler", ["is_mapping"]),
+# logger type -> handler class. Which ranks reach a backend is its rank policy
+# (``policies.py``), which each class declares (``protocol.DeclaresRanks``): TensorBoard, W&B
+# and MLflow default to rank 0, as in InstructLab; JSONL keeps one file per rank.
+BACKENDS: dict[str, type[DeclaresRanks]] = {
+    "async": AsyncStructuredHandler,
+    "tensorboard": TensorBoardHandler,
+    "wandb": WandbHandler,
+    "mlflow": MLflowHandler,
 }
 assert tuple(BACKENDS) == BACKEND_NAMES, "ranklog.names must list exactly these backends"
 
@@ -31,25 +37,18 @@ def metric_logging_config(
     loggers: list[str], run_name: str | None, output_dir: str | Path
 ) -> dict[str, Any]:
     """A dictConfig putting the chosen backends on the collector's root logger."""
-    from ranklog.filters import IsMappingFilter, IsRank0Filter
+    from ranklog.filters import IsMappingFilter
 
     handlers: dict[str, Any] = {}
     for name in loggers:
-        factory, filters = BACKENDS[name]
-        handlers[name] = {
-            "()": factory,
-            "log_dir": str(output_dir),
-            "filters": filters,
-        }
-        if name != "async":  # JSONL keeps InstructLab's per-rank file names
+        factory = BACKENDS[name]
+        handlers[name] = {"()": factory, "log_dir": str(output_dir), "filters": ["is_mapping"]}
+        if not factory.keeps_ranks_apart:  # JSONL keeps InstructLab's per-rank file names
             handlers[name]["run_name"] = run_name
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {
-            "is_mapping": {"()": IsMappingFilter},
-            "is_rank0": {"()": IsRank0Filter},
-        },
+        "filters": {"is_mapping": {"()": IsMappingFilter}},
         "handlers": handlers,
         "root": {"handlers": list(handlers), "level": "NOTSET"},
     }
@@ -70,31 +69,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _configured_policies(config: Mapping[str, Any]) -> dict[str, str]:
+    """Rank policies a config file chose with dictConfig's attribute key:
+    ``handlers: {NAME: {".": {"rank_policy": "mean"}}}``."""
+    chosen = {}
+    for name, handler in (config.get("handlers") or {}).items():
+        attributes = handler.get(".") if isinstance(handler, Mapping) else None
+        if isinstance(attributes, Mapping) and attributes.get("rank_policy"):
+            chosen[str(name)] = str(attributes["rank_policy"])
+    return chosen
+
+
 def _policy_for(
     handler: logging.Handler,
-    policies: Mapping[str, str],
+    chosen: Mapping[str, str],
     world_size: int | None,
     policy_timeout: float,
 ) -> Callable[[], RankPolicy] | None:
-    """What makes the handler's rank policy (a fresh one each call), if it has one."""
+    """What makes the handler's rank policy (a fresh one each call), if it has one.
+
+    ``chosen`` (--policy over the config file's) first, then the class's declaration.
+    Other handlers, like a stdlib one from a --config file, see every record."""
     name = handler.get_name() or type(handler).__name__
-    # --policy first, then a config file's choice (its "." key sets ``rank_policy`` on the
-    # handler), then the class default (TensorBoard, W&B: rank0). Other handlers, like a
-    # stdlib one from a --config file, see every record unless a policy names them.
-    spec = (
-        policies.get(name)
-        or getattr(handler, "rank_policy", None)
-        or getattr(handler, "default_rank_policy", None)
-    )
+    declared = handler if isinstance(handler, DeclaresRanks) else None
+    spec = chosen.get(name) or (declared.default_rank_policy if declared else None)
     if spec is None:
         return None
-    from ranklog.backends.jsonl import AsyncStructuredHandler
-
     return functools.partial(
         make_policy,
         spec,
         name,
-        rename=not isinstance(handler, AsyncStructuredHandler),  # it writes a file per rank
+        rename=not (declared and declared.keeps_ranks_apart),
         timeout=policy_timeout,
         world_size=world_size,
     )
@@ -106,20 +111,22 @@ def install_backends(
     *,
     world_size: int | None = None,
     policy_timeout: float = DEFAULT_POLICY_TIMEOUT,
-) -> list[JournalBackend]:
-    """Apply ``config`` and put every handler it attached on a thread of its own.
+) -> list[BackendRunner]:
+    """Apply ``config`` and give every handler it attached a runner of its own.
 
-    ``policies`` maps handler names (``tensorboard``, or a key of the config's
-    ``handlers``) to a rank policy that runs in front of that handler. A config file can
-    choose one too, with dictConfig's attribute key: ``".": {"rank_policy": "mean"}``.
-    The backends start once :meth:`JournalBackend.attach_journal` says where to read.
+    The handlers are taken out of the logger tree (so that the SDKs' own log lines in this
+    process do not reach them); each runner keeps the route its handler had. ``policies``
+    maps handler names (``tensorboard``, or a key of the config's ``handlers``) to a rank
+    policy that runs in front of that handler. A config file can choose one too, with
+    dictConfig's attribute key: ``".": {"rank_policy": "mean"}``. The runners start once
+    :meth:`BackendRunner.attach_journal` says where to read.
     """
     policies = dict(policies or {})
+    chosen = {**_configured_policies(config), **policies}
     try:
         logging.config.dictConfig(config)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:
         raise ConfigError(f"logging configuration failed: {exc}") from exc
-    wrapped: dict[int, JournalBackend] = {}
     loggers = [logging.getLogger()] + [
         item
         for item in logging.Logger.manager.loggerDict.values()
@@ -130,23 +137,22 @@ def install_backends(
             # A config without `disable_existing_loggers: false` must not silence the
             # collector's own status and error lines.
             logger.disabled = False
-            continue
-        for index, handler in enumerate(logger.handlers):
-            if isinstance(handler, JournalBackend):
-                continue
-            backend = wrapped.get(id(handler))
-            if backend is None:
-                policy = _policy_for(handler, policies, world_size, policy_timeout)
-                backend = wrapped[id(handler)] = JournalBackend(handler, policy=policy)
-                backend.setLevel(handler.level)
-            logger.handlers[index] = backend
-    names = [str(backend.name) for backend in wrapped.values()]
+    attached = detach_handlers(
+        logger for logger in loggers if not logger.name.startswith("ranklog")
+    )
+    runners = [
+        BackendRunner(
+            handler, route, policy=_policy_for(handler, chosen, world_size, policy_timeout)
+        )
+        for handler, route in attached
+    ]
+    names = [str(runner.name) for runner in runners]
     missing = unknown_backends(policies, names)
     if missing:
-        for backend in wrapped.values():
-            backend.inner.close()
+        for runner in runners:
+            runner.handler.close()
         raise ConfigError(
             f"--policy names backend(s) {', '.join(missing)} that the configuration does not "
             f"have; configured: {', '.join(names) or 'none'}"
         )
-    return list(wrapped.values())
+    return runners

@@ -8,6 +8,7 @@ plugin's ``text_pb`` and the HParams plugin's ``hparams_pb``. So the collector n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -15,8 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ranklog.backends.arguments import reject_unknown
 from ranklog.flatten import flatten_dict
-from ranklog.run_name import substitute_placeholders
+from ranklog.reporting import ReportOnce
+from ranklog.run_name import path_inside, run_name_for
 
 _log = logging.getLogger(__name__)
 
@@ -37,12 +40,17 @@ class TensorBoardHandler(logging.Handler):
     ``{rank}`` is the rank of the first record this handler sees (rank 0 under the default
     ``rank0`` policy). Events are flushed every ``flush_secs`` seconds and on close.
 
+    Exactly once after a crash: it implements ``protocol.Rewindable`` (the event file's size
+    at a checkpoint, cut back to on restart or after a write error; the run goes on in a new
+    event file in the same run folder).
+
     >>> handler = TensorBoardHandler(run_name="exp1", log_dir="logs")  # doctest: +SKIP
     >>> # later: tensorboard --logdir logs
     """
 
     #: Rank policy the collector puts in front of this handler unless told otherwise.
-    default_rank_policy = "rank0"
+    default_rank_policy: str | None = "rank0"
+    keeps_ranks_apart: bool = False
 
     def __init__(
         self,
@@ -55,11 +63,9 @@ class TensorBoardHandler(logging.Handler):
         filename_suffix: str = "",
         **tboard_init_kwargs: Any,
     ) -> None:
-        if tboard_init_kwargs:
-            raise TypeError(
-                f"TensorBoardHandler got unsupported argument(s) {', '.join(tboard_init_kwargs)}; "
-                "expected flush_secs, max_queue or filename_suffix"
-            )
+        reject_unknown(
+            type(self).__name__, tboard_init_kwargs, "flush_secs, max_queue or filename_suffix"
+        )
         super().__init__(level)
         self.log_dir = Path(log_dir)
         self.run_name = run_name
@@ -69,13 +75,16 @@ class TensorBoardHandler(logging.Handler):
         self.run_dir: Path | None = None
         self._started = datetime.now()
         self._writer: Any = None
-        self._warned: set[str] = set()
-        # Crash recovery, driven by the collector (see _fanout.JournalBackend): the run folder
-        # to keep writing into after a restart, whether to start it empty, and a hook to call
-        # once a new event file exists.
+        self._warn_once = ReportOnce(_log)
+        # Crash recovery, driven by the collector's runner: the run folder to keep writing
+        # into after a restart or rewind, whether to start it empty, each event file's size
+        # when opened, and a hook to call once a new event file exists.
         self._resume_dir: Path | None = None
         self._start_empty = False
+        self._opened_at: dict[str, int] = {}
         self.on_new_file: Callable[[], None] | None = None
+        # In the collector a write error (a full disk) must reach the runner, which rewinds.
+        self.raise_os_errors = False
 
     def _setup(self, record: logging.LogRecord) -> Any:
         try:
@@ -84,15 +93,9 @@ class TensorBoardHandler(logging.Handler):
             raise RuntimeError(
                 "TensorBoardHandler needs the tensorboard package: pip install 'ranklog[collector]'"
             ) from exc
-        name = substitute_placeholders(
-            self.run_name,
-            rank=getattr(record, "rank", None),
-            local_rank=getattr(record, "local_rank", None),
-            now=self._started,
+        self.run_dir = self._resume_dir or path_inside(
+            self.log_dir, run_name_for(self.run_name, record, now=self._started)
         )
-        self.run_dir = self._resume_dir or self.log_dir / name
-        if not self.run_dir.resolve().is_relative_to(self.log_dir.resolve()):
-            raise ValueError(f"run name {name!r} leads outside {self.log_dir}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._start_empty:
             for old in self.run_dir.glob("events.out.tfevents.*"):
@@ -103,6 +106,8 @@ class TensorBoardHandler(logging.Handler):
             flush_secs=self.flush_secs,
             filename_suffix=self.filename_suffix,
         )
+        path = self._event_file()
+        self._opened_at.setdefault(path, os.path.getsize(path))
         if self.on_new_file is not None:
             self.on_new_file()
         return self._writer
@@ -125,6 +130,10 @@ class TensorBoardHandler(logging.Handler):
 
             step = getattr(record, "step", None)
             writer.add_event(Event(wall_time=record.created, step=step or 0, summary=summary))
+        except OSError:
+            if self.raise_os_errors:
+                raise
+            self.handleError(record)
         except Exception:
             self.handleError(record)
 
@@ -157,18 +166,12 @@ class TensorBoardHandler(logging.Handler):
                 summary.value.add(tag=key, simple_value=number)
         return summary if summary.value else None
 
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            _log.warning(message, *args)
-
     def checkpoint(self) -> dict[str, Any]:
         """Flush; return the event file's size: what a restart may cut it back to."""
         if self._writer is None:
             return {"files": {}}
         self._writer.flush()
-        # EventFileWriter keeps its file's name private; each process writes a file of its own.
-        path = str(self._writer._file_name)
+        path = self._event_file()
         return {"files": {path: os.path.getsize(path)}}
 
     def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> None:
@@ -179,6 +182,25 @@ class TensorBoardHandler(logging.Handler):
                 os.truncate(path, 0 if from_start else size)
             self._resume_dir = Path(path).parent
         self._start_empty = from_start
+
+    def _event_file(self) -> str:
+        # EventFileWriter keeps its file's name private; each process writes a file of its own.
+        return str(self._writer._file_name)
+
+    def rewind_to(self, state: dict[str, Any] | None) -> None:
+        """Drop the writer (and what it has not written), cut every event file back to
+        ``state`` (one opened since: to its size then); the next record opens a new event
+        file in the same run folder."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):  # a full disk: whatever it wrote is cut below
+                writer.close()
+        sizes = {**self._opened_at, **(state or {}).get("files", {})}
+        for path, size in sizes.items():
+            if os.path.exists(path) and os.path.getsize(path) > size:
+                os.truncate(path, size)
+        self._resume_dir = self.run_dir
+        self._start_empty = False
 
     def flush(self) -> None:
         """Write buffered events to the event file now."""

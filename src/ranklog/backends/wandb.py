@@ -13,9 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ranklog.backends.records import OFFSET_ATTR
+from ranklog.backends.protocol import OFFSET_ATTR
 from ranklog.flatten import flatten_dict
-from ranklog.run_name import substitute_placeholders
+from ranklog.reporting import ReportOnce
+from ranklog.run_name import run_name_for
 
 _log = logging.getLogger(__name__)
 
@@ -36,11 +37,20 @@ class WandbHandler(logging.Handler):
     silently). If ``wandb.init`` fails, that is reported once and later records are dropped
     and counted; the collector's other backends go on either way. ``close`` finishes the run.
 
+    Exactly once after a crash: it implements ``protocol.Resumable``. Its state is the run
+    id (chosen before ``wandb.init``, so a crash during it resumes the same run) and, per
+    checkpoint, the last step handed to W&B with its journal offset (``OFFSET_ATTR``); W&B
+    writes asynchronously, so a restart reads the run's own log to learn which of those
+    steps landed, resumes the run and replays from there. It is not ``Rewindable``: rows
+    handed to W&B cannot be taken back, so a write error is its own to report (W&B's
+    service writes the files, not this process).
+
     >>> handler = WandbHandler(run_name="exp1", log_dir="logs", project="demo")  # doctest: +SKIP
     """
 
     #: Rank policy the collector puts in front of this handler unless told otherwise.
-    default_rank_policy = "rank0"
+    default_rank_policy: str | None = "rank0"
+    keeps_ranks_apart: bool = False
 
     def __init__(
         self,
@@ -57,7 +67,7 @@ class WandbHandler(logging.Handler):
         self.wandb_init_kwargs = {k: v for k, v in wandb_init_kwargs.items() if v is not None}
         self.failure: str | None = None
         self.dropped = 0
-        self.out_of_order = 0
+        self._report = ReportOnce(_log)
         self._run: Any = None
         self._last_step: int | None = None
         self._started = datetime.now()
@@ -73,6 +83,16 @@ class WandbHandler(logging.Handler):
         self.on_new_file: Callable[[], None] | None = None  # set by the collector
 
     @property
+    def out_of_order(self) -> int:
+        """Records dropped for a step lower than one already logged."""
+        return self._report["out-of-order"]
+
+    @staticmethod
+    def teardown_within(timeout: float) -> bool:
+        """W&B's exit work, bounded (see :func:`teardown_within`)."""
+        return teardown_within(timeout)
+
+    @property
     def run(self) -> Any:
         """The ``wandb`` run, once the first record started it."""
         return self._run
@@ -83,12 +103,7 @@ class WandbHandler(logging.Handler):
             self.log_dir.mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(self.log_dir)
         if "name" not in kwargs and (self.run_name is not None or "WANDB_NAME" not in os.environ):
-            kwargs["name"] = substitute_placeholders(
-                self.run_name,
-                rank=getattr(record, "rank", None),
-                local_rank=getattr(record, "local_rank", None),
-                now=self._started,
-            )
+            kwargs["name"] = run_name_for(self.run_name, record, now=self._started)
         kwargs.setdefault("config", {})
         if self._resume_id is not None:
             kwargs["id"] = self._resume_id
@@ -147,14 +162,13 @@ class WandbHandler(logging.Handler):
                 self.already_written += 1  # replayed after a restart; the run has it
                 return
             if self._last_step is not None and step < self._last_step:
-                self.out_of_order += 1
-                if self.out_of_order == 1:
-                    _log.warning(
-                        "backend wandb: step %d arrived after step %d; W&B needs steps in "
-                        "order, so it is dropped (further ones are counted)",
-                        step,
-                        self._last_step,
-                    )
+                self._report(
+                    "out-of-order",
+                    "backend wandb: step %d arrived after step %d; W&B needs steps in "
+                    "order, so it is dropped (further ones are counted)",
+                    step,
+                    self._last_step,
+                )
                 return
             self._last_step = step
             self._run.log(flat, step=step)

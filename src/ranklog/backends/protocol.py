@@ -1,0 +1,105 @@
+"""What a backend of the backends' process gets, and what it implements to get more.
+
+Any stdlib :class:`logging.Handler` is a backend: the runner (``runner.py``) reads the
+journal on its own thread, rebuilds each record a rank logged as a :class:`logging.LogRecord`
+and calls the handler's ``handle()`` with it, behind the backend's rank policy. Such a
+handler gets every record **at least once**: after a crash of the backends' process the
+runner reads on from its last checkpoint (at most about a second old), so the records since
+then reach the handler again. Its ``flush()`` is called at every checkpoint and its
+``close()`` once at the end; the runner owns every thread and every timer, so a handler
+stays passive.
+
+A handler that also implements :class:`Resumable` gets every record **exactly once**: the
+runner asks it for its state at each checkpoint and gives that state back after a crash,
+before the first record. One that implements :class:`Rewindable` as well survives a write
+error (a full disk) the same way, without a crash: the runner cuts it back to its last
+checkpoint and reads the journal again from there once writing works again.
+
+The runner checks these with ``isinstance`` once, when it is built; a handler need not
+inherit from anything here. Each record carries its place in the journal as two attributes,
+:data:`OFFSET_ATTR` and :data:`START_ATTR`, for a backend that must say itself how far it got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+#: Record attribute: the journal offset where the record's entry ends. A backend that writes
+#: asynchronously (W&B) checkpoints this to say, after a crash, how far it really got.
+OFFSET_ATTR = "ranklog_offset"
+#: Record attribute: the journal offset where the record's entry starts (where to read
+#: again to see the record again); rank policies use it.
+START_ATTR = "ranklog_start"
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A backend that resumes exactly where it got to before a crash.
+
+    Its state is a JSON-able dict, saved by the runner with the journal offset it belongs to
+    (``.ranklog/backend-<name>.json``). One key has a meaning to the runner: ``"files"``,
+    ``{path: size}`` for every file the backend owns (appends to). At a restart the runner
+    checks that no listed file is missing or shorter than listed (a machine crash that lost
+    the page cache); if one is, the backend is rebuilt from the journal's start instead.
+    """
+
+    #: Set by the runner: call it right after opening a new file (before writing to it) or
+    #: starting a new remote run, so that a crash from then on still finds it in the
+    #: checkpoint. It calls :meth:`checkpoint`. None until the runner sets it.
+    on_new_file: Callable[[], None] | None
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Write out what is buffered, and return the state to resume from: called on the
+        runner's thread between records, about once a second."""
+        ...
+
+    def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> int | None:
+        """Before the first record: go back to ``state`` (the last :meth:`checkpoint`, or
+        None). Cut owned files back to their checkpointed sizes; ``from_start``: the whole
+        journal is read again, so start empty instead.
+
+        Return None, or a journal offset (an :data:`OFFSET_ATTR` seen earlier) if the backend
+        knows it got less far than the checkpoint says: the runner then reads from there.
+        """
+        ...
+
+
+@runtime_checkable
+class Rewindable(Resumable, Protocol):
+    """A :class:`Resumable` backend that can also go back to its last checkpoint while
+    running, after a write error (a full disk), and is then fed again from there."""
+
+    #: Set to True by the runner: an ``OSError`` while writing must propagate out of
+    #: ``handle()`` / :meth:`checkpoint` (not go to ``handleError``), so that it rewinds.
+    raise_os_errors: bool
+
+    def rewind_to(self, state: dict[str, Any] | None) -> None:
+        """Drop what is not written yet and cut every owned file back to ``state`` (a file
+        opened since: back to its size when opened). The next record may reopen files."""
+        ...
+
+
+@runtime_checkable
+class DeclaresRanks(Protocol):
+    """How a backend wants the ranks of a job in front of it (see ``policies.py``)."""
+
+    #: The rank policy put in front of it unless the user chooses one (``rank0``, ``first``,
+    #: ``all``, ``mean``...); None: every record of every rank, unchanged.
+    default_rank_policy: str | None
+    #: True if the backend keeps the ranks' records apart itself (JSONL writes a file per
+    #: rank), so the ``all`` policy need not rename keys to ``rank{r}/key``.
+    keeps_ranks_apart: bool
+
+
+@runtime_checkable
+class HasExitTeardown(Protocol):
+    """A backend whose SDK finishes work in an interpreter exit hook (W&B's service).
+
+    When another backend hangs, the backends' process leaves with ``os._exit``, skipping
+    every exit hook; it first gives this one a bounded chance to run."""
+
+    @staticmethod
+    def teardown_within(timeout: float) -> bool:
+        """Run the SDK's exit work, waiting at most ``timeout`` seconds; True if it ended."""
+        ...

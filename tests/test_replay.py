@@ -1,0 +1,174 @@
+"""The backend runner's logic driven directly: a journal range, a backend, a clock.
+
+No process, no thread, no sleep: :func:`ranklog.backends.feed.replay` steps the same code the
+backends' process runs, and a fake clock moves the rank policies' deadlines. The cases that
+need a real crash stay in ``tests/backend_harness.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from ranklog.backends.feed import BackendFeed, replay
+from ranklog.backends.jsonl import AsyncStructuredHandler
+from ranklog.backends.policies import make_policy
+from ranklog.backends.protocol import DeclaresRanks, HasExitTeardown, Resumable, Rewindable
+from ranklog.backends.route import detach_handlers
+from ranklog.journal import Journal, journal_path
+from tests.backend_harness import envelope
+from tests.conftest import read_jsonl
+
+
+class FakeClock:
+    """Monotonic seconds that move only when a test moves them."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def journal_of(out: Path, *frames: bytes) -> Journal:
+    journal = Journal(journal_path(out))
+    for frame in frames:
+        journal.append(frame)
+    journal.sync()
+    return journal
+
+
+def jsonl_feed(
+    out: Path,
+    clock: FakeClock,
+    policy: str | None = None,
+    *,
+    filter_: Callable[..., bool] | None = None,
+) -> BackendFeed:
+    """A JSONL backend (one file, ``all.jsonl``) on logger ``m``, as a config would attach it."""
+    handler = AsyncStructuredHandler(log_dir=out, run_name="all")
+    logger = logging.getLogger("m")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if filter_ is not None:
+        logger.addFilter(filter_)
+    logger.addHandler(handler)
+    [(_, route)] = detach_handlers([logger])
+    factory = partial(make_policy, policy, "jsonl", rename=False, timeout=60, world_size=2)
+    return BackendFeed(
+        handler, route, name="jsonl", policy=factory if policy else None, clock=clock
+    )
+
+
+class TestRouting:
+    """Which records reach a backend, as the logger tree it was attached to says."""
+
+    def test_a_failing_logger_filter_costs_one_record(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        journal = journal_of(
+            tmp_path, envelope(0, 1, {"x": 1}), envelope(0, 2, {"y": 1}), envelope(0, 3, {"x": 3})
+        )
+        # A KeyError on the record without x.
+        feed = jsonl_feed(tmp_path, FakeClock(), filter_=lambda record: record.msg["x"] > 0)
+        replay(journal.path, feed, 0, journal.durable_end)
+        assert feed.finish()
+        assert "a logger filter failed" in caplog.text
+        assert [row["x"] for row in read_jsonl(tmp_path / "all.jsonl")] == [1, 3]
+
+    def test_a_detached_handler_gets_no_log_lines_of_this_process(self, tmp_path: Path) -> None:
+        journal = journal_of(tmp_path, envelope(0, 1, {"x": 1}))
+        feed = jsonl_feed(tmp_path, FakeClock())
+        logging.getLogger("m").info({"x": 99})  # an SDK's own line, not a journaled record
+        replay(journal.path, feed, 0, journal.durable_end)
+        assert feed.finish()
+        assert [row["x"] for row in read_jsonl(tmp_path / "all.jsonl")] == [1]
+
+
+class TestReducingPolicyByTheClock:
+    """mean waits for every rank of a step, up to its timeout by the injected clock."""
+
+    def test_a_step_missing_a_rank_goes_out_partial_after_the_timeout(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        clock = FakeClock()
+        journal = journal_of(tmp_path, envelope(0, 1, {"loss": 2.0}))
+        feed = replay(journal.path, jsonl_feed(tmp_path, clock, "mean"), 0, journal.durable_end)
+        assert not (tmp_path / "all.jsonl").exists()  # held, waiting for rank 1
+        clock.now += 59
+        feed.run_until(journal.durable_end)
+        assert not (tmp_path / "all.jsonl").exists()
+        clock.now += 1
+        feed.run_until(journal.durable_end)
+        rows = read_jsonl(tmp_path / "all.jsonl")
+        assert [(row["step"], row["loss"], row["ranks_reported"]) for row in rows] == [(1, 2.0, 1)]
+        assert "step 1 had 1 of 2 ranks after 60s" in caplog.text
+        assert feed.finish()
+
+    def test_a_complete_step_goes_out_without_waiting(self, tmp_path: Path) -> None:
+        journal = journal_of(tmp_path, envelope(0, 1, {"loss": 1.0}), envelope(1, 1, {"loss": 3.0}))
+        feed = replay(
+            journal.path, jsonl_feed(tmp_path, FakeClock(), "mean"), 0, journal.durable_end
+        )
+        rows = read_jsonl(tmp_path / "all.jsonl")
+        assert [(row["step"], row["loss"], row["ranks_reported"]) for row in rows] == [(1, 2.0, 2)]
+        assert feed.finish()
+
+    def test_a_rank_later_than_an_emitted_step_is_dropped(self, tmp_path: Path) -> None:
+        clock = FakeClock()
+        journal = journal_of(tmp_path, envelope(0, 1, {"loss": 1.0}), envelope(0, 2, {"loss": 5.0}))
+        feed = replay(journal.path, jsonl_feed(tmp_path, clock, "mean"), 0, journal.durable_end)
+        clock.now += 60  # both steps time out, in step order
+        feed.run_until(journal.durable_end)
+        journal.append(envelope(1, 1, {"loss": 3.0}))  # step 2 already went out
+        journal.sync()
+        feed.run_until(journal.durable_end)
+        assert feed.policy is not None and feed.policy.late == 1
+        assert feed.finish()
+        rows = read_jsonl(tmp_path / "all.jsonl")
+        assert [(row["step"], row["loss"]) for row in rows] == [(1, 1.0), (2, 5.0)]
+
+
+class TestContracts:
+    """The built-in backends implement what they claim (``ranklog.backends.protocol``)."""
+
+    def test_declared_capabilities(self, tmp_path: Path) -> None:
+        from ranklog import MLflowHandler, TensorBoardHandler, WandbHandler
+
+        jsonl = AsyncStructuredHandler(log_dir=tmp_path)
+        tensorboard = TensorBoardHandler(log_dir=tmp_path)
+        wandb = WandbHandler(log_dir=tmp_path)
+        mlflow = MLflowHandler(log_dir=tmp_path)
+        assert isinstance(jsonl, Rewindable) and isinstance(tensorboard, Rewindable)
+        assert isinstance(wandb, Resumable) and not isinstance(wandb, Rewindable)
+        assert not isinstance(mlflow, Resumable)
+        assert isinstance(wandb, HasExitTeardown) and not isinstance(jsonl, HasExitTeardown)
+        for handler in (jsonl, tensorboard, wandb, mlflow):
+            assert isinstance(handler, DeclaresRanks)
+            handler.close()
+
+    def test_unknown_arguments_are_refused_alike(self, tmp_path: Path) -> None:
+        with pytest.raises(TypeError, match=r"unsupported argument.*buffer"):
+            AsyncStructuredHandler(log_dir=tmp_path, buffer=3)
+        handler = AsyncStructuredHandler(log_dir=tmp_path, file_name=tmp_path / "m.jsonl")
+        handler.close()
+
+    def test_tensorboard_rewinds_to_a_checkpoint(self, tmp_path: Path) -> None:
+        from ranklog import TensorBoardHandler
+        from tests.test_policy import rec
+        from tests.test_tensorboard import accumulator
+
+        handler = TensorBoardHandler(run_name="t", log_dir=tmp_path)
+        handler.handle(rec(0, 0, {"loss": 0.0}))
+        state = handler.checkpoint()
+        handler.handle(rec(0, 1, {"loss": 1.0}))
+        handler.flush()  # written past the checkpoint, then a write error: back to it
+        handler.rewind_to(state)
+        handler.handle(rec(0, 1, {"loss": 1.5}))
+        handler.close()
+        loss = accumulator(tmp_path / "t").Scalars("loss")
+        assert [(event.step, event.value) for event in loss] == [(0, 0.0), (1, 1.5)]
