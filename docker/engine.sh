@@ -5,8 +5,9 @@
 # update), starts dockerd in the background when nothing answers, and waits for it.
 # Idempotent: on a machine whose engine already answers it only says so.
 #
-# An engine that cannot start is reported loudly but does not fail CI: `make test` then
-# skips the compose test with the reason. RANKLOG_REQUIRE_DOCKER=1 makes it fatal instead.
+# An engine that cannot start is reported loudly but is not an error: `make test` then
+# skips the compose test with the reason. RANKLOG_REQUIRE_DOCKER=1 (.ci/run sets it) makes
+# it fatal instead.
 set -euo pipefail
 
 LOG=${DOCKERD_LOG:-/var/log/ranklog-dockerd.log}

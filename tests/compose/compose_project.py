@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -28,6 +29,34 @@ STEP_TIMEOUT = 120  # any single docker / compose call
 #: Seconds each stage took, shown in the terminal summary.
 TIMINGS: dict[str, float] = {}
 STAGE_DONE = re.compile(r"^build\.sh: -- (.+): done in (\d+)s$", re.MULTILINE)
+
+#: ``RANKLOG_REQUIRE_COMPOSE=1`` (set by .ci/run) turns every skip of the compose test into a
+#: failure: CI must run it.
+REQUIRE_ENV = "RANKLOG_REQUIRE_COMPOSE"
+#: docker/build.sh's exit status when this host cannot get a base image at all (no engine, or
+#: neither debootstrap nor a registry); it says why on a "build.sh: UNAVAILABLE:" line.
+BUILD_UNAVAILABLE = 69
+UNAVAILABLE_LINE = re.compile(r"^build\.sh: UNAVAILABLE: (.+)$", re.MULTILINE)
+
+
+def not_here(reason: str) -> NoReturn:
+    """Skip the compose test with ``reason``; fail instead where RANKLOG_REQUIRE_COMPOSE=1."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(
+            f"compose test cannot run ({REQUIRE_ENV}=1 requires it): {reason}", pytrace=False
+        )
+    pytest.skip(f"compose test skipped: {reason}")
+
+
+def check_build(result: subprocess.CompletedProcess[str]) -> None:
+    """docker/build.sh's outcome as the test's: 0 goes on; 69 skips with build.sh's reason
+    (this host cannot build the images); anything else, a broken build, fails."""
+    if result.returncode == 0:
+        return
+    if result.returncode == BUILD_UNAVAILABLE:
+        reasons = UNAVAILABLE_LINE.findall(result.stderr) or ["no reason given"]
+        not_here(f"docker/build.sh cannot build the images on this host: {reasons[-1]}")
+    pytest.fail(f"docker/build.sh failed ({result.returncode}):\n{result.stderr[-6000:]}")
 
 
 def run(
