@@ -210,7 +210,8 @@ class TestDeadRank:
         assert time.monotonic() - started < 30
         assert "rank 2 (host" in c.log() and "silent" in c.log()
         events = [
-            json.loads(line) for line in (out / "ranklog-events.jsonl").read_text().splitlines()
+            json.loads(line)
+            for line in (out / ".ranklog" / "events.jsonl").read_text().splitlines()
         ]
         assert any(e["event"] == "rank_silent" and e["rank"] == 2 for e in events)
         assert sum(e["event"] == "rank_finished" for e in events) == 2
@@ -381,7 +382,8 @@ class TestFullDisk:
         assert all(s["held"] == 0 for s in finish(ranks))
         assert c.wait(timeout=60) == 0, c.log()
         events = [
-            json.loads(line) for line in (out / "ranklog-events.jsonl").read_text().splitlines()
+            json.loads(line)
+            for line in (out / ".ranklog" / "events.jsonl").read_text().splitlines()
         ]
         assert any(e["event"] == "journal_blocked" for e in events)
         assert_exactly_once(out, 2, 3000)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from ranklog import FormatDictFilter, propagate_package_logs, setup_root_logger
+from ranklog import (
+    ConfigError,
+    FormatDictFilter,
+    finish_metric_logger,
+    propagate_package_logs,
+    setup_metric_logger,
+    setup_root_logger,
+)
+from ranklog.names import BACKEND_OPTIONS
+from ranklog.rank.embedded import EmbeddedCollector
+from ranklog.rank.setup import _plan
 from tests.conftest import read_jsonl
 from tests.test_delivery import tensorboard_loss_steps
 from tests.wandb_reader import offline_runs, read_run
@@ -81,3 +93,124 @@ class TestEmbeddedCollector:
         assert sorted(tensorboard_loss_steps(out / "demo")) == list(range(40))
         (run,) = [read_run(path) for path in offline_runs(out)]
         assert run.name == "demo" and len(run.history) == 40 and run.config["lr"] == 0.05
+
+
+def torchrun_job(
+    spec: dict[str, object], *, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``tests/setup_job.py`` under ``torchrun --standalone --nproc-per-node 2``."""
+    return subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "tests/setup_job.py",
+         json.dumps(spec)],
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+class TestSetupFailsFast:
+    """A mistake in setup stops the job before training, with one line naming it."""
+
+    def test_policy_for_a_backend_not_in_loggers_fails_the_job(self, tmp_path: Path) -> None:
+        started = time.monotonic()
+        spec = {"args": ["async"], "kwargs": {"output_dir": str(tmp_path / "out"),
+                                              "policy": {"tensorboard": "mean"}}}  # fmt: skip
+        proc = torchrun_job(spec, timeout=60)
+        assert proc.returncode != 0
+        assert time.monotonic() - started < 30
+        assert "ConfigError: policy names backend(s) tensorboard" in proc.stderr
+
+    def test_embedded_collector_that_cannot_listen_raises_its_reason(self, tmp_path: Path) -> None:
+        """The port the multi-node default would bind is taken: rank 0 says so."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+            out = tmp_path / "out"
+            script = (
+                "from ranklog.rank.embedded import EmbeddedCollector\n"
+                "from pathlib import Path\n"
+                f"EmbeddedCollector({endpoint!r}, Path({str(out)!r}), 1).start()\n"
+            )
+            proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                  text=True, timeout=60, cwd=REPO)  # fmt: skip
+        assert proc.returncode != 0
+        assert "the embedded ranklog collector could not start: cannot listen on" in proc.stderr
+        assert str(out / "ranklog-collector.log") in proc.stderr
+
+    def test_unknown_run_name_placeholder(self) -> None:
+        with pytest.raises(ConfigError, match=r"\{rnak\}|unknown placeholder"):
+            setup_metric_logger("async", "run_{rnak}", endpoint="tcp://127.0.0.1:9")
+
+    def test_unwritable_output_dir(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        collector = EmbeddedCollector("ipc:///tmp/ranklog-test-unused.ipc", blocker / "out", 1)
+        with pytest.raises(ConfigError, match=f"cannot write to the output dir {blocker}/out"):
+            collector.start()
+
+
+class TestCallForms:
+    """InstructLab's two signatures; the rule that tells them apart."""
+
+    def test_older_form(self) -> None:
+        plan = _plan("async,tensorboard", "run", "out", _no_options(), None, [])
+        assert plan is not None
+        assert (plan.loggers, plan.run_name, plan.output_dir) == (
+            ["async", "tensorboard"], "run", Path("out"))  # fmt: skip
+        plan = _plan(["wandb"], None, None, _no_options(), None, [])
+        assert plan is not None and plan.loggers == ["wandb"]
+
+    def test_todays_form_detects_backends(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("WANDB_PROJECT", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        plan = _plan("out", None, None, _no_options(), None, [])
+        assert plan is not None and (plan.loggers, plan.output_dir) == (["async"], Path("out"))
+        options = {**_no_options(), "tensorboard_log_dir": "tb", "wandb_project": "p"}
+        plan = _plan("out", None, None, options, None, [])
+        assert plan is not None and plan.loggers == ["async", "tensorboard", "wandb"]
+        assert plan.collector_args()[-4:] == ["--tensorboard-log-dir", "tb",
+                                              "--wandb-project", "p"]  # fmt: skip
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+        plan = _plan(None, None, "out", {**_no_options(), "wandb_project": "p"}, None, [])
+        assert plan is not None and plan.loggers == ["async", "wandb", "mlflow"]
+
+    def test_a_misspelled_backend_in_a_list_fails(self) -> None:
+        with pytest.raises(ConfigError, match="tensorbord"):
+            _plan("async,tensorbord", None, None, _no_options(), None, [])
+
+    def test_output_dir_given_twice(self) -> None:
+        with pytest.raises(ConfigError, match="output dir given twice"):
+            _plan("out", None, "other", _no_options(), None, [])
+
+    def test_explicit_endpoint_warns_about_unused_settings(self) -> None:
+        with pytest.warns(RuntimeWarning, match="not used: loggers, run_name, policy"):
+            setup_metric_logger("async,tensorboard", "r", policy="tensorboard=mean",
+                                endpoint="tcp://127.0.0.1:9", close_timeout=0.1)  # fmt: skip
+        finish_metric_logger()
+
+
+def _no_options() -> dict[str, str | None]:
+    return dict.fromkeys(BACKEND_OPTIONS)
+
+
+class TestInstructLabToday:
+    """main_ds.py's call: setup_metric_logger(out, wandb_project=..., tensorboard_log_dir=...)."""
+
+    def test_jsonl_tensorboard_and_wandb_from_the_keywords(self, tmp_path: Path) -> None:
+        out, tb = tmp_path / "out", tmp_path / "tb"
+        spec = {
+            "args": [str(out)],
+            "kwargs": {"wandb_project": "p", "tensorboard_log_dir": str(tb)},
+        }
+        proc = torchrun_job(spec)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for rank in (0, 1):
+            rows = read_jsonl(out / f"training_params_and_metrics_global{rank}.jsonl")
+            assert [r["step"] for r in rows if "step" in r] == list(range(20))
+        (run_dir,) = [path for path in tb.iterdir() if path.is_dir()]
+        assert sorted(tensorboard_loss_steps(run_dir)) == list(range(20))
+        (run,) = [read_run(path) for path in offline_runs(out)]
+        assert run.project == "p" and len(run.history) == 20 and run.config["lr"] == 0.1

@@ -60,3 +60,43 @@ def parse_policy_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
 def format_policy_spec(policies: Mapping[str, str]) -> str:
     """The inverse of :func:`parse_policy_spec`, for a command line."""
     return ",".join(f"{backend}={policy}" for backend, policy in policies.items())
+
+
+# InstructLab's per-backend keyword arguments of setup_metric_logger, each the name of a
+# collector flag too (``--wandb-project``): which backend it configures, as which argument.
+BACKEND_OPTIONS: dict[str, tuple[str, str]] = {
+    "tensorboard_log_dir": ("tensorboard", "log_dir"),
+    "wandb_project": ("wandb", "project"),
+    "wandb_entity": ("wandb", "entity"),
+    "wandb_run_name": ("wandb", "run_name"),
+    "mlflow_tracking_uri": ("mlflow", "tracking_uri"),
+    "mlflow_experiment_name": ("mlflow", "experiment_name"),
+    "mlflow_run_name": ("mlflow", "run_name"),
+}
+
+RUN_NAME_PLACEHOLDERS = ("{time}", "{utc_time}", "{rank}", "{local_rank}")
+
+
+def check_run_name(run_name: str | None) -> None:
+    """Raise ConfigError for a ``{placeholder}`` the run name cannot fill (a typo such as
+    ``{rnak}`` would otherwise name every run literally)."""
+    if run_name is None:
+        return
+    rest = run_name
+    for placeholder in RUN_NAME_PLACEHOLDERS:
+        rest = rest.replace(placeholder, "")
+    if "{" in rest or "}" in rest:
+        raise ConfigError(
+            f"run name {run_name!r}: unknown placeholder; use only "
+            f"{', '.join(RUN_NAME_PLACEHOLDERS)}"
+        )
+
+
+def backend_options(settings: Mapping[str, str | None]) -> dict[str, dict[str, str]]:
+    """``{"wandb_project": "p"}`` -> ``{"wandb": {"project": "p"}}`` (None values left out)."""
+    options: dict[str, dict[str, str]] = {}
+    for key, value in settings.items():
+        if value is not None:
+            backend, argument = BACKEND_OPTIONS[key]
+            options.setdefault(backend, {})[argument] = str(value)
+    return options

@@ -27,6 +27,9 @@ class BackendSpec:
     run_name: str | None = None
     config: str | None = None  # a dictConfig file, instead of ``loggers``
     policies: dict[str, str] = field(default_factory=dict)
+    # Per backend, arguments for its handler (InstructLab's setup keywords: a TensorBoard
+    # log_dir, a W&B project, an MLflow tracking URI, ...); see ranklog.names.BACKEND_OPTIONS.
+    options: dict[str, dict[str, str]] = field(default_factory=dict)
     world_size: int | None = None
     policy_timeout: float = DEFAULT_POLICY_TIMEOUT
     drain_timeout: float = 30.0

@@ -38,7 +38,7 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
     config = (
         load_config_file(spec.config)
         if spec.config
-        else metric_logging_config(spec.loggers, spec.run_name, output_dir)
+        else metric_logging_config(spec.loggers, spec.run_name, output_dir, spec.options)
     )
     backends = install_backends(
         config,

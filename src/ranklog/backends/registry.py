@@ -34,9 +34,13 @@ assert tuple(BACKENDS) == BACKEND_NAMES, "ranklog.names must list exactly these 
 
 
 def metric_logging_config(
-    loggers: list[str], run_name: str | None, output_dir: str | Path
+    loggers: list[str],
+    run_name: str | None,
+    output_dir: str | Path,
+    options: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """A dictConfig putting the chosen backends on the collector's root logger."""
+    """A dictConfig putting the chosen backends on the collector's root logger; ``options``
+    adds arguments per backend (``{"wandb": {"project": "p"}}``), overriding the defaults."""
     from ranklog.filters import IsMappingFilter
 
     handlers: dict[str, Any] = {}
@@ -45,6 +49,7 @@ def metric_logging_config(
         handlers[name] = {"()": factory, "log_dir": str(output_dir), "filters": ["is_mapping"]}
         if not factory.keeps_ranks_apart:  # JSONL keeps InstructLab's per-rank file names
             handlers[name]["run_name"] = run_name
+        handlers[name].update((options or {}).get(name, {}))
     return {
         "version": 1,
         "disable_existing_loggers": False,

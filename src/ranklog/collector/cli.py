@@ -19,6 +19,7 @@ from ranklog.collector.collector import replay, serve
 from ranklog.collector.settings import BackendSettings, ServeSettings
 from ranklog.endpoints import ENDPOINT_ENV
 from ranklog.errors import ConfigError
+from ranklog.names import BACKEND_OPTIONS, backend_options
 from ranklog.reporting import log_to_stderr
 
 _log = logging.getLogger(__name__)
@@ -74,6 +75,13 @@ def _backend_flags() -> argparse.ArgumentParser:
         help="seconds backends get to drain on shutdown; one still busy then is abandoned "
         "(what it missed stays in the journal: `ranklog replay` writes it later)",
     )
+    for option, (backend, argument) in BACKEND_OPTIONS.items():
+        flags.add_argument(
+            f"--{option.replace('_', '-')}",
+            dest=option,
+            default=None,
+            help=f"{backend}'s {argument.replace('_', ' ')} (setup_metric_logger's {option})",
+        )
     flags.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return flags
 
@@ -90,6 +98,13 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
         "--exit-when-done",
         action="store_true",
         help="exit once every rank said goodbye or went silent",
+    )
+    collect.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=ServeSettings.connect_timeout,
+        help="with --exit-when-done: seconds to wait for a rank that never connected "
+        "(default: as long as it takes; a job may load its model for a long time)",
     )
     collect.add_argument(
         "--silence-timeout",
@@ -121,16 +136,33 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
     )
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ranklog")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ranklog", description="Sidecar metrics collector for distributed training."
+        prog="ranklog",
+        description="Sidecar metrics collector for distributed training.",
+        formatter_class=_Help,
     )
+    parser.add_argument("--version", action="version", version=f"ranklog {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     backend_flags = _backend_flags()
     collect = commands.add_parser(
         "collect",
         parents=[backend_flags],
         help="run the collector",
+        formatter_class=_Help,
         description="Receive every rank's metric records and write them to the backends.",
     )
     _add_serve_flags(collect)
@@ -138,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
         "replay",
         parents=[backend_flags],
         help="bring backends up to date from the journal",
+        formatter_class=_Help,
         description="Write what the journal holds to backends that lack it: a backend added "
         "later, or one that failed. --from-start rebuilds them completely.",
     )
@@ -149,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser(
         "keys",
         help="generate a CURVE key pair",
+        formatter_class=_Help,
         description="Write NAME.key (public) and NAME.key_secret into DIR. Give the "
         "collector its secret with --curve-secret and put each rank's public key into the "
         "directory named by --curve-allow.",
@@ -169,6 +203,8 @@ def _make_keys(args: argparse.Namespace) -> int:
 
 def _settings(kind: type[_Settings], args: argparse.Namespace, **given: Any) -> _Settings:
     """``kind`` from the flags named as its fields (each flag's default is that field's)."""
+    if kind is BackendSettings:
+        given["options"] = backend_options({key: getattr(args, key) for key in BACKEND_OPTIONS})
     flags = {f.name: getattr(args, f.name) for f in fields(kind) if f.init and f.name not in given}
     return kind(**flags, **given)
 

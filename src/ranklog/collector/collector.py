@@ -53,7 +53,14 @@ def _serve(router: Router, store: Store, settings: ServeSettings, stop: threadin
     status and the exit rule, once per pass."""
     now = time.monotonic()
     status = StatusLine(store.stats, store.ranks, settings.status_interval, now)
-    liveness = Liveness(store.ranks, settings.backends.world_size, settings.silence_timeout, now)
+    liveness = Liveness(
+        store.ranks,
+        settings.backends.world_size,
+        settings.silence_timeout,
+        now,
+        settings.connect_timeout if settings.exit_when_done else None,
+    )
+    status.waiting_for = liveness.waiting_for
     last_message_at = 0.0
     while not stop.is_set():
         messages = router.receive(_POLL_MS)

@@ -1,21 +1,24 @@
-"""What the collector tells its user: ``ranklog-events.jsonl`` and the status line."""
+"""What the collector tells its user: the events file (``.ranklog/events.jsonl``) and the
+status line."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ranklog.collector.peers import RankTable
+from ranklog.journal import STATE_DIR
 
 if TYPE_CHECKING:
     from ranklog.collector.receive import CollectorStats
 
 _log = logging.getLogger(__name__)
-EVENTS_FILE = "ranklog-events.jsonl"
+# In the state folder: a *.jsonl glob next to the metric files must not pick it up.
+EVENTS_FILE = Path(STATE_DIR, "events.jsonl")
 
 Event = tuple[str, dict[str, Any]]  # (name, fields): rank_joined, rank_finished, ...
 
@@ -51,6 +54,7 @@ class StatusLine:
         self.stats = stats
         self.ranks = ranks
         self.interval = interval
+        self.waiting_for: Callable[[], str] = str  # what the exit rule waits for, if anything
         self._next = now + interval
         self._last_accepted = stats.accepted
 
@@ -59,15 +63,16 @@ class StatusLine:
             rate = (self.stats.accepted - self._last_accepted) / self.interval
             self._last_accepted = self.stats.accepted
             self._next = now + self.interval
-            log_status(self.stats, self.ranks, rate)
+            log_status(self.stats, self.ranks, rate, self.waiting_for())
 
 
-def log_status(stats: CollectorStats, ranks: RankTable, rate: float) -> None:
+def log_status(stats: CollectorStats, ranks: RankTable, rate: float, waiting: str = "") -> None:
     _log.info(
-        "%.0f records/s; %d accepted, %d duplicates dropped; %s; rejected %s",
+        "%.0f records/s; %d accepted, %d duplicates dropped; %s; rejected %s%s",
         rate,
         stats.accepted,
         stats.duplicates,
         ranks.status(),
         dict(stats.rejected.counts) or 0,
+        f"; {waiting}" if waiting else "",
     )

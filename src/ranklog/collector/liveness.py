@@ -17,17 +17,24 @@ class Liveness:
     """Watches ``ranks``: one unheard for ``silence_timeout`` seconds counts as gone.
 
     Done means each of the ``world_size`` ranks (without one, the largest any rank
-    reported) finished, went silent, or never connected within ``silence_timeout`` of
-    ``started_at``.
+    reported) finished or went silent in this run, or never connected within
+    ``connect_timeout`` of ``started_at`` (with None, a rank that never connected is waited
+    for: a job may take long to load its model).
     """
 
     def __init__(
-        self, ranks: RankTable, world_size: int | None, silence_timeout: float, started_at: float
+        self,
+        ranks: RankTable,
+        world_size: int | None,
+        silence_timeout: float,
+        started_at: float,
+        connect_timeout: float | None = None,
     ) -> None:
         self.ranks = ranks
         self.world_size = world_size
         self.silence_timeout = silence_timeout
         self.started_at = started_at
+        self.connect_timeout = connect_timeout
         self._done_at: float | None = None
         self._report = ReportOnce(_log)
 
@@ -56,15 +63,31 @@ class Liveness:
         quiet_since = max(last_message_at, done_at)
         return now - quiet_since >= _QUIET_BEFORE_EXIT or now - done_at >= _LONGEST_WAIT_FOR_QUIET
 
+    def waiting_for(self) -> str:
+        """What the exit rule waits for, for the status line ('' when nothing)."""
+        world_size = self.world_size or self.ranks.largest_world_size()
+        absent = self.ranks.never_seen(world_size)
+        if not absent:
+            return ""
+        bound = "" if self.connect_timeout is None else f" (up to {self.connect_timeout:g}s)"
+        return f"waiting for rank(s) {_ranks(absent)} to connect{bound}"
+
     def _all_done(self, now: float) -> bool:
         world_size = self.world_size or self.ranks.largest_world_size()
-        done = self.ranks.all_done(world_size, now, self.started_at, self.silence_timeout)
+        done = self.ranks.all_done(
+            world_size, now, self.started_at, self.silence_timeout, self.connect_timeout
+        )
         absent = self.ranks.never_seen(world_size)
         if done and absent:
             self._report(
                 "never-connected",
                 "rank(s) %s never connected within %.0fs; counting them as gone",
-                ", ".join(map(str, absent)),
-                self.silence_timeout,
+                _ranks(absent),
+                self.connect_timeout,
             )
         return done
+
+
+def _ranks(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:16]))
+    return shown if len(ranks) <= 16 else f"{shown} and {len(ranks) - 16} more"

@@ -62,6 +62,9 @@ class Peer:
     converted: int = 0
     last_step: int | None = None
     silent: bool = False
+    # Heard by this collector run, not only read back from the journal: an earlier job's
+    # ranks (whose goodbyes the journal still holds) never decide when this job is done.
+    live: bool = False
 
     @property
     def finished(self) -> bool:
@@ -99,20 +102,35 @@ class RankTable:
                 found.append(peer)
         return found
 
-    def all_done(self, world_size: int, now: float, since: float, timeout: float) -> bool:
-        """Has each of ranks 0..world_size-1 finished, or been silent (or absent since
-        ``since``) for ``timeout`` seconds?"""
+    def _live(self, rank: int) -> list[Peer]:
+        return [peer for peer in self._by_rank.get(rank, ()) if peer.live]
+
+    def all_done(
+        self,
+        world_size: int,
+        now: float,
+        since: float,
+        timeout: float,
+        connect_timeout: float | None = None,
+    ) -> bool:
+        """Has each of ranks 0..world_size-1, as heard in this run, finished or been silent
+        for ``timeout`` seconds? A rank never heard counts as gone only ``connect_timeout``
+        seconds after ``since`` (never, with None)."""
         for rank in range(world_size):
-            peers = self._by_rank.get(rank, [])
+            peers = self._live(rank)
             if any(peer.finished for peer in peers):
                 continue
-            last_seen = max((peer.last_seen for peer in peers), default=since)
-            if now - last_seen < timeout:
+            if not peers:
+                if connect_timeout is None or now - since < connect_timeout:
+                    return False
+                continue
+            if now - max(peer.last_seen for peer in peers) < timeout:
                 return False
         return True
 
     def never_seen(self, world_size: int) -> list[int]:
-        return [rank for rank in range(world_size) if rank not in self._by_rank]
+        """Ranks below ``world_size`` not heard in this run."""
+        return [rank for rank in range(world_size) if not self._live(rank)]
 
     def largest_world_size(self) -> int:
         return max((peer.world_size for peer in self._peers.values()), default=1)

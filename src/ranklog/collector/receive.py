@@ -129,6 +129,7 @@ def _receive_frame(
         peer.silent = False
         into.events.append(event("rank_resumed", rank=peer.rank, pid=peer.pid))
     peer.last_seen = now
+    peer.live = True
     into.routes[(route, key)] = peer
     if kind in (RECORD, GOODBYE):
         seq = envelope["seq"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ class Router:
         # A moment of linger so the last acknowledgements (of goodbyes) reach the ranks.
         self._sock.close(linger=500)
         self._close_context()
+        if self.endpoint.startswith("ipc://"):
+            # ZeroMQ leaves the socket file behind; nothing listens on it any more.
+            with contextlib.suppress(OSError):
+                os.unlink(self.endpoint.removeprefix("ipc://"))
 
     def _close_context(self) -> None:
         if self._authenticator is not None:

@@ -36,6 +36,8 @@ class BackendSettings:
     policy: str | Mapping[str, str] | None = None  # per backend: rank0, first, all, mean, ...
     policy_timeout: float = DEFAULT_POLICY_TIMEOUT
     drain_timeout: float = 30.0
+    # Arguments per backend: {"tensorboard": {"log_dir": ...}} (ranklog.names.BACKEND_OPTIONS).
+    options: Mapping[str, Mapping[str, str]] | None = None
     loggers: list[str] = field(init=False)
     policies: dict[str, str] = field(init=False)
 
@@ -55,6 +57,7 @@ class BackendSettings:
             run_name=self.run_name,
             config=str(self.config) if self.config else None,
             policies=self.policies,
+            options={name: dict(args) for name, args in (self.options or {}).items()},
             world_size=self.world_size,
             policy_timeout=self.policy_timeout,
             drain_timeout=self.drain_timeout,
@@ -75,6 +78,9 @@ class ServeSettings:
     bind: str = "tcp://127.0.0.1:5555"
     exit_when_done: bool = False
     silence_timeout: float = 60.0  # seconds without a heartbeat before a rank counts as gone
+    # With exit_when_done: how long a rank that never connected is waited for (None: as
+    # long as it takes).
+    connect_timeout: float | None = None
     status_interval: float = 30.0
     allow_remote: bool = False
     curve_secret: Path | None = None  # the collector's own key pair (``ranklog keys``)

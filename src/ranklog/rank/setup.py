@@ -5,20 +5,29 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from ranklog.endpoints import ENDPOINT_ENV, bind_address_for, is_local_only
+from ranklog.endpoints import ENDPOINT_ENV
+from ranklog.errors import ConfigError
 from ranklog.filters import FormatDictFilter, IsMappingFilter
-from ranklog.names import format_policy_spec, parse_logger_types, parse_policy_spec
+from ranklog.names import (
+    BACKEND_NAMES,
+    BACKEND_OPTIONS,
+    check_run_name,
+    format_policy_spec,
+    parse_logger_types,
+    parse_policy_spec,
+)
+from ranklog.rank.embedded import EmbeddedCollector
 from ranklog.rank.handler import ZMQSocketHandler
 from ranklog.rank.identity import derived_endpoint, detect_identity
 
 PACKAGE_LOGGER = "instructlab.training"
 METRICS_LOGGER = "instructlab.training.metrics"
-COLLECTOR_LOG = "ranklog-collector.log"
 
 _attached: list[tuple[logging.Logger, ZMQSocketHandler]] = []
 _embedded_collector: subprocess.Popen[bytes] | None = None
@@ -43,10 +52,17 @@ def setup_root_logger(level: int | str = "DEBUG") -> None:
 
 
 def setup_metric_logger(
-    loggers: str | list[str] = "async",
+    loggers: str | Sequence[str] | os.PathLike[str] | None = None,
     run_name: str | None = None,
-    output_dir: str | os.PathLike[str] = "logs",
+    output_dir: str | os.PathLike[str] | None = None,
     *,
+    tensorboard_log_dir: str | os.PathLike[str] | None = None,
+    wandb_project: str | None = None,
+    wandb_entity: str | None = None,
+    wandb_run_name: str | None = None,
+    mlflow_tracking_uri: str | None = None,
+    mlflow_experiment_name: str | None = None,
+    mlflow_run_name: str | None = None,
     endpoint: str | None = None,
     logger_name: str = METRICS_LOGGER,
     level: int | str = logging.INFO,
@@ -54,43 +70,169 @@ def setup_metric_logger(
     policy: str | Mapping[str, str] | None = None,
     **handler_kwargs: Any,
 ) -> ZMQSocketHandler | None:
-    """Send ``logger_name``'s metric dicts to a collector that runs ``loggers``.
+    """Send ``logger_name``'s metric dicts to a collector that runs the backends.
+
+    Both of InstructLab's call forms work:
+
+    - the older ``setup_metric_logger(loggers, run_name, output_dir)``: ``loggers`` names the
+      backends (``"async,tensorboard,wandb"``, or a list);
+    - today's ``setup_metric_logger(output_dir, *, tensorboard_log_dir=..., wandb_project=...,
+      mlflow_tracking_uri=..., ...)``: JSONL (``async``) is always on, TensorBoard when
+      ``tensorboard_log_dir`` is given, W&B when ``wandb_project`` or ``WANDB_PROJECT`` is,
+      MLflow when a tracking URI or experiment name is (argument or ``MLFLOW_*``).
+
+    The rule: a first argument made only of backend names (a list, or a comma-separated
+    string with a known backend in it) is the older form, as is any call with a second
+    positional argument; anything else in first place is an output dir. With no first
+    argument, the InstructLab keywords above choose today's form.
 
     With no ``endpoint`` (and no ``RANKLOG_ENDPOINT``), global rank 0 starts the collector
-    as a child in its own session, bound where every rank of this job derives alike; it
-    writes ``loggers`` (``"async,tensorboard,wandb"``) under ``output_dir`` and exits once all
-    ranks said goodbye. With an endpoint, a collector is expected there already.
+    as a child in its own session, bound where every rank of this job derives alike, and
+    waits until it listens: if it cannot start, this raises :class:`ConfigError` with its
+    reason. It exits once all ranks said goodbye. With an endpoint, a collector is expected
+    there already, and the backend settings here are not used (a warning lists them).
     ``policy`` picks the embedded collector's rank policy per backend, e.g.
-    ``"tensorboard=mean,wandb=rank0"`` or ``{"tensorboard": "all"}`` (TensorBoard and W&B
-    default to rank 0's records).
+    ``"tensorboard=mean,wandb=rank0"`` or ``{"tensorboard": "all"}`` (TensorBoard, W&B and
+    MLflow default to rank 0's records). Names are checked on every rank before anything
+    starts; a mistake raises :class:`ConfigError` with one line naming it.
 
     >>> setup_metric_logger("async", output_dir="logs")  # doctest: +SKIP
-    >>> logging.getLogger("instructlab.training.metrics").info({"loss": 0.5}, extra={"step": 1})
+    >>> setup_metric_logger("logs", wandb_project="p", tensorboard_log_dir="logs/tb")
     ... # doctest: +SKIP
     """
-    if not loggers:
+    options = {
+        "tensorboard_log_dir": None if tensorboard_log_dir is None else str(tensorboard_log_dir),
+        "wandb_project": wandb_project,
+        "wandb_entity": wandb_entity,
+        "wandb_run_name": wandb_run_name,
+        "mlflow_tracking_uri": mlflow_tracking_uri,
+        "mlflow_experiment_name": mlflow_experiment_name,
+        "mlflow_run_name": mlflow_run_name,
+    }
+    plan = _plan(loggers, run_name, output_dir, options, policy, collector_args or [])
+    if plan is None:
         return None
-    names = parse_logger_types(loggers)
-    policies = parse_policy_spec(policy)  # a typo fails here, on the rank, not in the child
     propagate_package_logs()
     identity = detect_identity(
         rank=handler_kwargs.get("rank"), world_size=handler_kwargs.get("world_size")
     )
     explicit = endpoint or os.environ.get(ENDPOINT_ENV)
     target = explicit or derived_endpoint(identity)
+    if explicit and identity.rank == 0:
+        _warn_unused(explicit, loggers, run_name, output_dir, options, policy)
     if not explicit and identity.rank == 0:
-        _start_embedded_collector(
-            target,
-            names,
-            run_name,
-            Path(output_dir),
-            identity.world_size,
-            [
-                *(["--policy", format_policy_spec(policies)] if policies else []),
-                *(collector_args or []),
-            ],
+        global _embedded_collector
+        _embedded_collector = EmbeddedCollector(
+            target, plan.output_dir, identity.world_size, plan.collector_args()
+        ).start()
+    return _attach(target, logger_name, level, handler_kwargs)
+
+
+@dataclass
+class _Plan:
+    """What the embedded collector is to run, from either call form."""
+
+    loggers: list[str]
+    run_name: str | None
+    output_dir: Path
+    options: dict[str, str | None]
+    policies: dict[str, str]
+    extra_args: list[str]
+
+    def collector_args(self) -> list[str]:
+        args = ["--logger-type", ",".join(self.loggers)]
+        if self.run_name is not None:
+            args += ["--run-name", self.run_name]
+        if self.policies:
+            args += ["--policy", format_policy_spec(self.policies)]
+        for key, value in self.options.items():
+            if value is not None and BACKEND_OPTIONS[key][0] in self.loggers:
+                args += [f"--{key.replace('_', '-')}", value]
+        return [*args, *self.extra_args]
+
+
+def _plan(
+    first: str | Sequence[str] | os.PathLike[str] | None,
+    run_name: str | None,
+    output_dir: str | os.PathLike[str] | None,
+    options: dict[str, str | None],
+    policy: str | Mapping[str, str] | None,
+    extra_args: list[str],
+) -> _Plan | None:
+    """Read either call form and check every name; None when no backend is asked for."""
+    if _is_backend_list(first) or run_name is not None:
+        if not first:
+            return None
+        loggers = parse_logger_types(first)  # type: ignore[arg-type]
+    else:
+        path = cast("str | os.PathLike[str] | None", first)  # not a list of backends
+        if path is not None and output_dir is not None:
+            raise ConfigError(f"output dir given twice: {path!r} and output_dir={output_dir!r}")
+        today = path is not None or any(value is not None for value in options.values())
+        output_dir = path if path is not None else output_dir
+        loggers = _detected_backends(options) if today else ["async"]
+    check_run_name(run_name)
+    for key in ("wandb_run_name", "mlflow_run_name"):
+        check_run_name(options[key])
+    policies = parse_policy_spec(policy)  # a typo fails here, on the rank, not in the child
+    configured = "--config" in extra_args
+    missing = [name for name in policies if name not in loggers]
+    if missing and not configured:
+        raise ConfigError(
+            f"policy names backend(s) {', '.join(missing)} that are not among the loggers "
+            f"({', '.join(loggers)})"
+        )
+    return _Plan(loggers, run_name, Path(output_dir or "logs"), options, policies, list(extra_args))
+
+
+def _is_backend_list(first: object) -> bool:
+    if isinstance(first, list | tuple):
+        return True
+    if not isinstance(first, str):
+        return False
+    names = [name.strip() for name in first.split(",")]
+    return any(name in BACKEND_NAMES for name in names) and (len(names) > 1 or "/" not in first)
+
+
+def _detected_backends(options: Mapping[str, str | None]) -> list[str]:
+    """Today's InstructLab: JSONL always, the others when their settings are there."""
+    loggers = ["async"]
+    if options["tensorboard_log_dir"]:
+        loggers.append("tensorboard")
+    if options["wandb_project"] or os.environ.get("WANDB_PROJECT"):
+        loggers.append("wandb")
+    mlflow_keys = ("mlflow_tracking_uri", "mlflow_experiment_name")
+    mlflow_env = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+    if any(options[k] for k in mlflow_keys) or any(os.environ.get(k) for k in mlflow_env):
+        loggers.append("mlflow")
+    return loggers
+
+
+def _warn_unused(
+    endpoint: str,
+    loggers: object,
+    run_name: str | None,
+    output_dir: object,
+    options: Mapping[str, str | None],
+    policy: object,
+) -> None:
+    """With an explicit endpoint the collector there has its own settings: say which of
+    these it will not see."""
+    given = {"loggers": loggers, "run_name": run_name, "output_dir": output_dir,
+             "policy": policy, **options}  # fmt: skip
+    unused = [name for name, value in given.items() if value is not None]
+    if unused:
+        warnings.warn(
+            f"ranklog: records go to the collector at {endpoint}, which runs with its own "
+            f"settings; these setup_metric_logger arguments are not used: {', '.join(unused)}",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
+
+def _attach(
+    target: str, logger_name: str, level: int | str, handler_kwargs: dict[str, Any]
+) -> ZMQSocketHandler:
     metrics_logger = logging.getLogger(logger_name)
     for logger, old in [item for item in _attached if item[0] is metrics_logger]:
         logger.removeHandler(old)
@@ -104,47 +246,6 @@ def setup_metric_logger(
     handler.start()
     _attached.append((metrics_logger, handler))
     return handler
-
-
-def _start_embedded_collector(
-    endpoint: str,
-    loggers: list[str],
-    run_name: str | None,
-    output_dir: Path,
-    world_size: int,
-    extra_args: list[str],
-) -> None:
-    global _embedded_collector
-    output_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "ranklog",
-        "collect",
-        "--bind",
-        bind_address_for(endpoint),
-        "--output-dir",
-        str(output_dir),
-        "--logger-type",
-        ",".join(loggers),
-        "--world-size",
-        str(world_size),
-        "--exit-when-done",
-    ]
-    if run_name is not None:
-        command += ["--run-name", run_name]
-    if not is_local_only(endpoint):
-        command.append("--allow-remote")
-    command += extra_args
-    with open(output_dir / COLLECTOR_LOG, "ab") as log_file:
-        # Its own session: a torchrun tear-down of the worker group must not kill it mid-drain.
-        _embedded_collector = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def finish_metric_logger(timeout: float = 60.0) -> int | None:

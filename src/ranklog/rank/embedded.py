@@ -1,0 +1,98 @@
+"""The embedded collector: global rank 0 starts ``ranklog collect`` for its job and waits
+until it listens, or fails with the collector's own words."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ranklog.endpoints import bind_address_for, is_local_only
+from ranklog.errors import ConfigError
+
+COLLECTOR_LOG = "ranklog-collector.log"
+READY_MARK = b"listening on "
+READY_TIMEOUT = 120.0  # a first start imports wandb and tensorboard in the backends' child
+
+
+@dataclass
+class EmbeddedCollector:
+    """What rank 0 starts: the collector's command line, and where it logs."""
+
+    endpoint: str
+    output_dir: Path
+    world_size: int
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / COLLECTOR_LOG
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "ranklog", "collect",
+                   "--bind", bind_address_for(self.endpoint),
+                   "--output-dir", str(self.output_dir),
+                   "--world-size", str(self.world_size),
+                   "--exit-when-done", *self.args]  # fmt: skip
+        if not is_local_only(self.endpoint):
+            command.append("--allow-remote")
+        return command
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start the collector and return once it listens; raise ConfigError if it cannot
+        start (bad settings, port in use, unwritable output dir), with its reason."""
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write to the output dir {self.output_dir}: {exc.strerror or exc}"
+            ) from None
+        with log_file:
+            start = log_file.tell()
+            # Its own session: a torchrun tear-down of the worker group must not kill it
+            # mid-drain.
+            proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_until_listening(proc, start)
+        return proc
+
+    def _wait_until_listening(self, proc: subprocess.Popen[bytes], start: int) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            text = self._log_since(start)
+            if READY_MARK in text:
+                return
+            if proc.poll() is not None:
+                raise ConfigError(
+                    f"the embedded ranklog collector could not start: {_reason(text)} "
+                    f"(its log: {self.log_path})"
+                )
+            time.sleep(0.05)
+        print(
+            f"ranklog: the embedded collector is not listening after {READY_TIMEOUT:g}s; "
+            f"training goes on and records wait on the ranks (its log: {self.log_path})",
+            file=sys.stderr,
+        )
+
+    def _log_since(self, start: int) -> bytes:
+        with open(self.log_path, "rb") as log:
+            log.seek(start)
+            return log.read()
+
+
+def _reason(log: bytes) -> str:
+    """The collector's own error line: its one-line CLI error, else its last error line."""
+    lines = [line.strip() for line in log.decode(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ranklog collect:"):
+            return line.removeprefix("ranklog collect:").strip()
+    errors = [line for line in lines if " ERROR " in line or "Error" in line]
+    return (errors or lines or ["it exited without a word"])[-1]

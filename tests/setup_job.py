@@ -1,0 +1,35 @@
+"""A torchrun job that calls ``setup_metric_logger`` the way a user's script would.
+
+    torchrun --standalone --nproc-per-node 2 tests/setup_job.py '<json>'
+
+The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``, and
+``steps`` (default 20); each rank then logs ``{"loss": ..., "bad": nan}`` per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import torch.distributed as dist
+
+from ranklog import finish_metric_logger, setup_metric_logger
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    setup_metric_logger(*spec.get("args", []), **spec.get("kwargs", {}))
+    metrics = logging.getLogger("instructlab.training.metrics")
+    metrics.info({"lr": 0.1}, extra={"hparams": True})
+    for step in range(spec.get("steps", 20)):
+        metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
+    code = finish_metric_logger(timeout=120)
+    dist.destroy_process_group()
+    return 0 if code in (None, 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
