@@ -32,6 +32,56 @@ class TestErrors:
             assert flag in out
 
 
+class TestOneLineErrors:
+    """Every CLI error is one line naming the file or path, no traceback: exit 2 for usage
+    or configuration, 1 at run time."""
+
+    def _one_line(self, proc: object, code: int, *fragments: str) -> None:
+        assert proc.returncode == code, proc.stderr  # type: ignore[attr-defined]
+        lines = proc.stderr.strip().splitlines()  # type: ignore[attr-defined]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr  # type: ignore[attr-defined]
+        for fragment in fragments:
+            assert fragment in lines[0]
+
+    def test_missing_config_file(self, tmp_path: Path) -> None:
+        missing = tmp_path / "nope.yaml"
+        proc = ranklog("collect", "--output-dir", str(tmp_path), "--config", str(missing))
+        self._one_line(proc, 2, "cannot read the config file", str(missing), "No such file")
+
+    def test_config_is_a_directory(self, tmp_path: Path) -> None:
+        proc = ranklog("collect", "--output-dir", str(tmp_path), "--config", str(tmp_path))
+        self._one_line(proc, 2, str(tmp_path), "Is a directory")
+
+    def test_broken_yaml(self, tmp_path: Path) -> None:
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("version: 1\n  x: [\n")
+        proc = ranklog("collect", "--output-dir", str(tmp_path), "--config", str(broken),
+                       "--bind", "tcp://127.0.0.1:*")  # fmt: skip
+        self._one_line(proc, 2, f"{broken} is not valid YAML")
+
+    def test_handler_error_shows_its_cause(self, tmp_path: Path) -> None:
+        config = tmp_path / "h.yaml"
+        config.write_text(
+            "version: 1\nhandlers:\n  h:\n    class: logging.FileHandler\n"
+            f"    filename: {tmp_path}/no/such/dir/x.log\nroot:\n  handlers: [h]\n"
+        )
+        proc = ranklog("collect", "--output-dir", str(tmp_path / "out"), "--config",
+                       str(config), "--bind", "tcp://127.0.0.1:*")  # fmt: skip
+        self._one_line(proc, 2, "Unable to configure handler 'h'", "FileNotFoundError")
+
+    def test_unwritable_output_dir(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        proc = ranklog("collect", "--output-dir", str(blocker / "out"))
+        self._one_line(proc, 2, "cannot write to the output dir", str(blocker / "out"))
+
+    def test_version_and_defaults_in_help(self) -> None:
+        assert ranklog("--version").stdout.startswith("ranklog ")
+        out = " ".join(ranklog("collect", "--help").stdout.split())  # however it wraps
+        assert "before a rank counts as gone (default: 60.0)" in out
+        assert "where backends write (default: logs)" in out
+
+
 class TestSeedFlagAliases:
     """--logger_type, --run_name and --output_dir work like the seed's training flags."""
 

@@ -60,15 +60,23 @@ def metric_logging_config(
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a dictConfig from YAML or JSON."""
+    """Read a dictConfig from YAML or JSON; a file that cannot be read or parsed is a
+    :class:`ConfigError` naming it."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # json's ValueError, yaml's YAMLError: one line either way
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        raise ConfigError(f"{path} is not valid {kind}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict) or data.get("version") != 1:
         raise ConfigError(f"{path}: expected a logging dictConfig mapping with version: 1")
     return data
@@ -131,7 +139,9 @@ def install_backends(
     try:
         logging.config.dictConfig(config)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:
-        raise ConfigError(f"logging configuration failed: {exc}") from exc
+        # dictConfig says which handler; its cause says why (a missing directory, a typo).
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"logging configuration failed: {exc}{cause}") from exc
     loggers = [logging.getLogger()] + [
         item
         for item in logging.Logger.manager.loggerDict.values()

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import fields
@@ -209,6 +210,24 @@ def _settings(kind: type[_Settings], args: argparse.Namespace, **given: Any) -> 
     return kind(**flags, **given)
 
 
+def _check_output_dir(path: Path) -> None:
+    """The output dir exists (or can be made) and takes files."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the output dir {path}: {exc.strerror or exc}") from None
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     """``collect`` or ``replay``; SIGTERM and SIGINT stop a collector, which then drains."""
     stop = threading.Event()
@@ -218,6 +237,9 @@ def _run(args: argparse.Namespace) -> int:
         stop.set()
 
     # Settings first: a bad flag fails before any signal handler is installed.
+    _check_output_dir(Path(args.output_dir))
+    if args.config is not None:
+        _check_readable(Path(args.config))
     run: Callable[[], int]
     if args.command == "collect":
         backends = _settings(BackendSettings, args)
@@ -239,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ranklog {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk or permission problem at run time: one line, the path
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ranklog {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
