@@ -1,7 +1,8 @@
 """A rank process for integration tests: logs N step records through ZMQSocketHandler.
 
     python -m tests.rank_worker --endpoint tcp://127.0.0.1:5555 --rank 0 --world-size 4 \
-        --records 3000 [--rate 1000] [--tag t] [--close-timeout 30]
+        --records 3000 [--rate 1000] [--tag t] [--close-timeout 30] [--metrics 16] [--run-id test]
+        [--special-values]
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 
@@ -26,6 +28,11 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--close-timeout", type=float, default=30.0)
     parser.add_argument("--hparams", action="store_true")
+    parser.add_argument("--metrics", type=int, default=0, help="log N metrics per record instead")
+    parser.add_argument("--run-id", default="test", help="the job (torchrun's run id)")
+    parser.add_argument(
+        "--special-values", action="store_true", help="also log nan, inf and -inf each step"
+    )
     args = parser.parse_args()
 
     handler = ZMQSocketHandler(
@@ -33,7 +40,7 @@ def main() -> int:
         rank=args.rank,
         world_size=args.world_size,
         close_timeout=args.close_timeout,
-        run_id="test",
+        run_id=args.run_id,
     )
     handler.addFilter(IsMappingFilter())
     logger = logging.getLogger("instructlab.training.metrics")
@@ -41,11 +48,17 @@ def main() -> int:
     logger.setLevel(logging.INFO)
     if args.hparams:
         logger.info({"lr": 0.01, "model": {"layers": 2}}, extra={"hparams": True})
+    special = {"nan": math.nan, "inf": math.inf, "ninf": -math.inf} if args.special_values else {}
     started = time.monotonic()
     for i in range(args.records):
         step = args.first_step + i
         logger.info(
-            {"loss": 1.0 / (step + 1) + args.rank, "train": {"tokens": step * 10}, "tag": args.tag},
+            {
+                "loss": 1.0 / (step + 1) + args.rank,
+                "train": {"tokens": step * 10},
+                "tag": args.tag,
+                **special,
+            },
             extra={"step": step},
         )
         if args.rate:

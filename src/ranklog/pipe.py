@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from ranklog.journal import DEFAULT_RETENTION
 from ranklog.names import DEFAULT_POLICY_TIMEOUT
 
 DRAIN = "drain"
@@ -35,6 +36,8 @@ class BackendSpec:
     drain_timeout: float = 30.0
     from_start: bool = False
     log_level: int = 20
+    # Bytes of journal kept once every backend here has read past them (--journal-retention).
+    journal_retention: int = DEFAULT_RETENTION
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"

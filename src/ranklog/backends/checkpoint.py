@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ranklog.journal import write_durably
+
 if TYPE_CHECKING:
     from ranklog.backends.policies import RankPolicy
 
@@ -39,17 +41,21 @@ def load(path: Path, backend: str) -> dict[str, Any] | None:
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Replace the checkpoint atomically; an OSError (a full disk) reaches the caller."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as out:
-        out.write(json.dumps(state))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself, so that a power loss cannot undo it
-    finally:
-        os.close(directory)
+    write_durably(path, json.dumps(state).encode())
+
+
+def needed_from(saved: dict[str, Any]) -> int:
+    """The lowest journal offset a backend resuming from ``saved`` may read again: its
+    position, the records its policy holds or remembers, and those of the earlier
+    checkpoints it may go back to (W&B). The journal before it may be deleted."""
+    offsets = []
+    for past in [saved, *saved.get("history", [])]:
+        offsets.append(int(past["offset"]))
+        policy = past.get("policy") or {}
+        offsets.extend(int(start) for start in policy.get("held", ()))
+        if policy.get("remember_from") is not None:
+            offsets.append(int(policy["remember_from"]))
+    return min(offsets)
 
 
 def next_state(

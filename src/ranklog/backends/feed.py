@@ -23,7 +23,7 @@ from ranklog.backends.policies import RankPolicy
 from ranklog.backends.protocol import Resumable, Rewindable
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
-from ranklog.journal import read_entries
+from ranklog.journal import DamageReport, first_offset, read_entries
 from ranklog.reporting import ReportOnce
 from ranklog.wire import RECORD, decode_journaled
 
@@ -84,6 +84,7 @@ class BackendFeed:
         self._write_error: str | None = None
         self._next_behind_warning = 0.0
         self._unreadable_at: int | None = None
+        self._damage = DamageReport(f"backend {self.name}", _log)
 
     @property
     def failed(self) -> int:
@@ -123,8 +124,27 @@ class BackendFeed:
             # Its files stay listed, emptied: a crash during the rebuild still cuts them back.
             saved = {"offset": 0, "backend": _checkpoint.emptied(saved.get("backend"))}
         self._last_checkpoint = saved
-        self.offset = int(saved["offset"])
+        self.offset = self._present(journal, int(saved["offset"]), from_start=from_start)
         self._resume_pending = self._new_policy is not None
+
+    def _present(self, journal: Path, offset: int, *, from_start: bool) -> int:
+        """``offset``, or the journal's oldest segment if retention deleted it already."""
+        first = first_offset(journal)
+        if offset < first:
+            _log.warning(
+                "backend %s: %.1f MiB of journal before offset %d were already deleted "
+                "(--journal-retention); %s from there",
+                self.name,
+                (first - offset) / (1 << 20),
+                first,
+                "rebuilding" if from_start else "reading on",
+            )
+        return max(offset, first)
+
+    def needed_from(self) -> int:
+        """The lowest journal offset this backend may read again: none before it is needed."""
+        saved = self._last_checkpoint
+        return self.offset if saved is None else _checkpoint.needed_from(saved)
 
     # -- one step of work, on whichever thread runs it ------------------------------------
 
@@ -210,7 +230,8 @@ class BackendFeed:
         begin = min([*held, *([remember] if remember is not None else [])], default=None)
         if begin is not None:
             now = self.clock()
-            for start, end, frame in read_entries(self._journal_path, begin, self.offset):
+            entries = read_entries(self._journal_path, begin, self.offset, self._damage)
+            for start, end, frame in entries:
                 record = self._record(frame, start, end)
                 if record is None:
                     continue
@@ -230,7 +251,7 @@ class BackendFeed:
                 self.name,
                 (end - self.offset) / (1 << 20),
             )
-        entries = read_entries(self._journal_path, self.offset, end)
+        entries = read_entries(self._journal_path, self.offset, end, self._damage)
         count = 0
         for count, (entry_start, entry_end, frame) in enumerate(entries, 1):
             record = self._record(frame, entry_start, entry_end)

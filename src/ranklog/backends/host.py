@@ -21,14 +21,51 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ranklog.errors import ConfigError
-from ranklog.journal import STATE_DIR, journal_path
+from ranklog.journal import STATE_DIR, first_offset, journal_path, prune
 from ranklog.pipe import BackendSpec, read_announcement
 from ranklog.reporting import log_to_stderr
 
+if TYPE_CHECKING:
+    from ranklog.backends.runner import BackendRunner
+
 _log = logging.getLogger(__name__)
+_PRUNE_EVERY = 1.0  # seconds; about as often as backends checkpoint
+
+
+class _Retention:
+    """Deletes the journal's oldest segments beyond ``retention`` bytes once every backend
+    here has checkpointed past them. Only this process knows the backends' checkpoints;
+    a backend that is not here (one a later `ranklog replay` adds) is bounded by retention."""
+
+    def __init__(self, journal: Path, retention: int) -> None:
+        self.journal = journal
+        self.retention = retention
+        self._next = 0.0
+        self._failed = False
+
+    def __call__(self, backends: list[BackendRunner], *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return
+        self._next = now + _PRUNE_EVERY
+        keep_from = min((backend.needed_from() for backend in backends), default=1 << 62)
+        try:
+            deleted = prune(self.journal, self.retention, keep_from)
+        except OSError as exc:
+            if not self._failed:
+                _log.warning("cannot delete old journal segments (%s)", exc)
+            self._failed = True
+            return
+        if deleted:
+            _log.info(
+                "journal retention: deleted %d segment(s) every backend had read; the "
+                "journal now starts at offset %d",
+                len(deleted),
+                first_offset(self.journal),
+            )
 
 
 def _serve(spec: BackendSpec, ready: TextIO) -> int:
@@ -52,10 +89,12 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
         )
     ready.write(json.dumps({"backends": [backend.name for backend in backends]}) + "\n")
     ready.close()
+    retention = _Retention(journal_path(output_dir), spec.journal_retention)
     for line in sys.stdin:
         end, drain = read_announcement(line)
         for backend in backends:
             backend.advance(end)
+        retention(backends)
         if drain:
             break
     else:
@@ -67,6 +106,7 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
     for backend in backends:
         backend.request_close()
     clean = all([backend.close_within(deadline) for backend in backends])
+    retention(backends, now=float("inf"))
     abandoned = [backend for backend in backends if backend.abandoned]
     if abandoned:
         # An abandoned backend may hold its handler's lock (logging.shutdown would wait on it

@@ -76,6 +76,14 @@ def _backend_flags() -> argparse.ArgumentParser:
         help="seconds backends get to drain on shutdown; one still busy then is abandoned "
         "(what it missed stays in the journal: `ranklog replay` writes it later)",
     )
+    flags.add_argument(
+        "--journal-retention",
+        default=BackendSettings.journal_retention,
+        metavar="SIZE",
+        help="journal to keep once every backend has read it (8MiB, 10GiB, 500MB, bytes): "
+        "what `ranklog replay --from-start` and a backend added later can still read; the "
+        "oldest segments beyond it are deleted",
+    )
     for option, (backend, argument) in BACKEND_OPTIONS.items():
         flags.add_argument(
             f"--{option.replace('_', '-')}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SeqTracker:
@@ -42,6 +43,17 @@ class SeqTracker:
         while self.contiguous + 1 in self._above:
             self.contiguous += 1
             self._above.discard(self.contiguous)
+
+    def to_state(self) -> list[Any]:
+        """``[contiguous, [stragglers]]``: what a snapshot keeps."""
+        return [self.contiguous, sorted(self._above)]
+
+    @classmethod
+    def from_state(cls, state: list[Any]) -> SeqTracker:
+        tracker = cls()
+        tracker.contiguous = int(state[0])
+        tracker._above = {int(seq) for seq in state[1]}
+        return tracker
 
 
 PeerKey = tuple[str, int, str]  # (run id, rank, incarnation)
@@ -92,6 +104,27 @@ class RankTable:
         self._peers[key] = peer
         self._by_rank.setdefault(peer.rank, []).append(peer)
         return peer
+
+    def to_state(self) -> list[list[Any]]:
+        """Every incarnation, as a de-duplication snapshot keeps it: key, identity, accepted
+        seqs, goodbye, counters, last step (not liveness: that is this run's)."""
+        return [
+            [*key, peer.world_size, peer.host, peer.pid, peer.tracker.to_state(),
+             peer.goodbye_seq, peer.dropped, peer.converted, peer.last_step]
+            for key, peer in self._peers.items()
+        ]  # fmt: skip
+
+    @classmethod
+    def from_state(cls, rows: list[list[Any]], now: float) -> RankTable:
+        """The table a snapshot kept; each incarnation last seen ``now``, not live."""
+        table = cls()
+        for run, rank, inc, world_size, host, pid, seqs, goodbye, dropped, converted, step in rows:
+            peer = Peer(rank=rank, world_size=world_size, host=host, pid=pid, last_seen=now)
+            peer.tracker = SeqTracker.from_state(seqs)
+            peer.goodbye_seq, peer.last_step = goodbye, step
+            peer.dropped, peer.converted = dropped, converted
+            table.add((run, rank, inc), peer)
+        return table
 
     def newly_silent(self, now: float, timeout: float) -> list[Peer]:
         """Peers unheard for ``timeout`` seconds that were not yet reported; marks them."""

@@ -10,6 +10,7 @@ so does :class:`~ranklog.collector.collector.Collector`'s constructor.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,29 @@ from ranklog.endpoints import is_local_only
 from ranklog.errors import ConfigError
 from ranklog.names import DEFAULT_POLICY_TIMEOUT, parse_logger_types, parse_policy_spec
 from ranklog.pipe import BackendSpec
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from ``8MiB``, ``10GiB``, ``500MB``, ``1.5G`` or a plain number of bytes.
+
+    >>> parse_size("8MiB"), parse_size("500MB"), parse_size(4096)
+    (8388608, 500000000, 4096)
+    """
+    if isinstance(size, int):
+        match = _SIZE.fullmatch(str(size)) if size >= 0 else None
+    else:
+        match = _SIZE.fullmatch(size)
+    if match is None:
+        raise ConfigError(
+            f"expected a size such as 8MiB, 10GiB, 500MB or a number of bytes, got {size!r}"
+        )
+    number, unit, binary = match.groups()
+    if binary and not unit:
+        raise ConfigError(f"expected a size such as 8MiB, got {size!r}")
+    return int(float(number) * (1024 if binary else 1000) ** _POWERS[unit.lower()])
 
 
 @dataclass(frozen=True)
@@ -38,12 +62,21 @@ class BackendSettings:
     drain_timeout: float = 30.0
     # Arguments per backend: {"tensorboard": {"log_dir": ...}} (ranklog.names.BACKEND_OPTIONS).
     options: Mapping[str, Mapping[str, str]] | None = None
+    # Journal kept beyond what every backend has read: a bounded history for `ranklog
+    # replay --from-start` and backends added later. A size: 8MiB, 10GiB, 500MB, bytes.
+    journal_retention: str | int = "1GiB"
     loggers: list[str] = field(init=False)
     policies: dict[str, str] = field(init=False)
+    retention_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loggers", parse_logger_types(self.logger_types))
         object.__setattr__(self, "policies", parse_policy_spec(self.policy))
+        try:
+            retention = parse_size(self.journal_retention)
+        except ConfigError as exc:
+            raise ConfigError(f"journal retention: {exc}") from None
+        object.__setattr__(self, "retention_bytes", retention)
 
     @property
     def output_path(self) -> Path:
@@ -63,6 +96,7 @@ class BackendSettings:
             drain_timeout=self.drain_timeout,
             from_start=from_start,
             log_level=log_level,
+            journal_retention=self.retention_bytes,
         )
 
 

@@ -5,16 +5,35 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
+
+import msgpack
 
 from ranklog.collector.backend_process import BackendProcess
 from ranklog.collector.events import EventLog, event, log_status
 from ranklog.collector.peers import RankTable
 from ranklog.collector.receive import CollectorStats, Received, recover
 from ranklog.collector.settings import BackendSettings
-from ranklog.journal import Journal, journal_path
+from ranklog.journal import (
+    SEGMENT_BYTES,
+    Journal,
+    first_offset,
+    journal_path,
+    latest_snapshot,
+    snapshot_path,
+    write_snapshot,
+)
 
 _log = logging.getLogger(__name__)
 _JOURNAL_RETRY = 0.5  # seconds between tries of a journal that could not be written
+_SNAPSHOT_VERSION = 1
+_MIN_SEGMENT_BYTES = 1 << 20
+
+
+def segment_bytes(retention: int) -> int:
+    """A segment's size: :data:`SEGMENT_BYTES`, or a quarter of a smaller retention (so
+    that retention deletes in steps small beside it), at least 1 MiB."""
+    return max(_MIN_SEGMENT_BYTES, min(SEGMENT_BYTES, retention // 4))
 
 
 class Store:
@@ -28,7 +47,11 @@ class Store:
         self.events = EventLog(settings.output_path)
         self.ranks = RankTable()
         self.stats = CollectorStats()
-        self.journal = Journal(journal_path(settings.output_path))
+        self.journal = Journal(
+            journal_path(settings.output_path),
+            segment_bytes=segment_bytes(settings.retention_bytes),
+        )
+        self._snapshot_error: str | None = None
         self._blocked: str | None = None  # why the journal cannot be written, while it cannot
         self._retry_at = 0.0
         try:
@@ -41,15 +64,79 @@ class Store:
             raise
 
     def _recover(self) -> None:
-        entries = (frame for _, _, frame in self.journal.read(0, self.journal.durable_end))
-        total = recover(entries, self.ranks, self.stats, time.monotonic())
-        if total:
+        """The de-duplication state: the latest snapshot, then the journal after it."""
+        now = time.monotonic()
+        start = self._read_snapshot(now)
+        entries = (frame for _, _, frame in self.journal.read(start, self.journal.durable_end))
+        total = recover(entries, self.ranks, self.stats, now)
+        if total or start:
             _log.info(
-                "journal %s: %d entries from %d rank incarnations already accepted",
+                "journal %s: snapshot to offset %d, then %d entries; %d rank incarnations "
+                "already accepted",
                 self.journal.path,
+                start,
                 total,
                 len(self.ranks),
             )
+        gone = first_offset(self.journal.path)
+        if gone and start < gone:
+            _log.warning(
+                "journal %s: no snapshot covers the %.1f MiB deleted before offset %d; ranks "
+                "resending records from there would be accepted again",
+                self.journal.path,
+                gone / (1 << 20),
+                gone,
+            )
+
+    def _read_snapshot(self, now: float) -> int:
+        """Load the latest snapshot; the offset it is valid to (0 if none is usable)."""
+        offset = latest_snapshot(self.journal.path)
+        if offset is None:
+            return 0
+        path = snapshot_path(self.journal.path, offset)
+        try:
+            state: dict[str, Any] = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
+            if state["version"] != _SNAPSHOT_VERSION or state["offset"] != offset:
+                raise ValueError(f"version {state['version']}, offset {state['offset']}")
+            if offset > self.journal.durable_end:
+                raise ValueError(f"past the journal's end, {self.journal.durable_end}")
+            self.ranks = RankTable.from_state(state["ranks"], now)
+        except Exception as exc:  # unreadable: the journal itself still says it all
+            _log.warning("snapshot %s unusable (%s); reading the whole journal", path, exc)
+            self.ranks = RankTable()
+            return 0
+        self.stats.accepted = int(state["accepted"])
+        return offset
+
+    def _snapshot(self) -> None:
+        """Save the de-duplication state, valid to the durable end: restarts read the
+        journal after it only. A failure (a full disk) keeps the older one."""
+        offset = self.journal.durable_end
+        state = {
+            "version": _SNAPSHOT_VERSION,
+            "offset": offset,
+            "accepted": self.stats.accepted,
+            "ranks": self.ranks.to_state(),
+        }
+        try:
+            write_snapshot(self.journal.path, offset, msgpack.packb(state))
+        except OSError as exc:
+            if self._snapshot_error is None:
+                _log.warning("cannot write the journal's snapshot (%s); retrying later", exc)
+            self._snapshot_error = str(exc)
+        else:
+            self._snapshot_error = None
+
+    def _rotate(self) -> None:
+        """A new journal segment (and a snapshot where it starts)."""
+        try:
+            self.journal.rotate()
+        except OSError as exc:
+            if self._snapshot_error is None:
+                _log.warning("cannot start a new journal segment (%s); retrying later", exc)
+            self._snapshot_error = str(exc)
+            return
+        self._snapshot()
 
     def commit(self, received: Received, now: float) -> None:
         """Journal and fsync what was received, then account for it: nothing is acked
@@ -69,6 +156,8 @@ class Store:
             else:
                 self._journal_ok()
                 received.apply(self.stats)
+                if self.journal.full:
+                    self._rotate()
         self.events.write(received.events)
 
     def _journal_failed(self, exc: OSError, now: float) -> None:
@@ -102,5 +191,9 @@ class Store:
             log_status(self.stats, self.ranks, 0.0)
             _log.info("collector stopped: %d records accepted", self.stats.accepted)
         finally:
-            self.journal.close()
+            try:
+                self.journal.close()
+            finally:
+                if self.journal.durable_end != latest_snapshot(self.journal.path):
+                    self._snapshot()  # so the next start reads nothing of the journal
         return clean
