@@ -244,16 +244,17 @@ def _run(args: argparse.Namespace) -> int:
         _log.info("%s received; draining", signal.Signals(signum).name)
         stop.set()
 
-    # Settings first: a bad flag fails before any signal handler is installed.
-    _check_output_dir(Path(args.output_dir))
-    if args.config is not None:
-        _check_readable(Path(args.config))
+    # Settings first: a bad flag fails before any signal handler is installed, and before
+    # anything is created on disk.
     run: Callable[[], int]
     if args.command == "collect":
         backends = _settings(BackendSettings, args)
         run = partial(serve, _settings(ServeSettings, args, backends=backends), stop)
     else:  # replay ignores the stop request: the drain timeout bounds it already
         run = partial(replay, _settings(BackendSettings, args), from_start=args.from_start)
+    if args.config is not None:
+        _check_readable(Path(args.config))
+    _check_output_dir(Path(args.output_dir))
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return run()
