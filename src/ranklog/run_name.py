@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 DEFAULT_RUN_NAME = "{time}_rank{rank}"
 DEFAULT_JSONL_NAME = "training_params_and_metrics_global{rank}"
+#: Record attribute set by a rank policy on a record merged from several ranks' records.
+MERGED_ATTR = "ranks_merged"
 
 
 def substitute_placeholders(
@@ -48,14 +51,25 @@ def run_name_for(
     default_template: str = DEFAULT_RUN_NAME,
 ) -> str:
     """:func:`substitute_placeholders` with the rank and local rank ``record`` came from (in
-    the collector), and ``now`` the time the handler started."""
+    the collector), and ``now`` the time the handler started (or its run did).
+
+    A record a rank policy merged from several ranks' records (:data:`MERGED_ATTR`) stands
+    for the job's rank 0: ``{rank}`` and ``{local_rank}`` are 0 for it, whichever rank's
+    record came first."""
+    merged = getattr(record, MERGED_ATTR, False)
     return substitute_placeholders(
         run_name,
         default_template,
-        rank=getattr(record, "rank", None),
-        local_rank=getattr(record, "local_rank", None),
+        rank=0 if merged else getattr(record, "rank", None),
+        local_rank=0 if merged else getattr(record, "local_rank", None),
         now=now,
     )
+
+
+def job_suffix(job: object) -> str:
+    """``_<job>`` with anything but letters, digits, ``.``, ``-`` and ``_`` made ``_``: what
+    tells apart two jobs' runs whose names are otherwise the same."""
+    return "_" + re.sub(r"[^A-Za-z0-9._-]", "_", str(job))
 
 
 def path_inside(log_dir: Path, name: str, suffix: str = "") -> Path:

@@ -25,7 +25,9 @@ class MLflowHandler(logging.Handler):
     SQLite store, as ``log_dir/mlflow.db`` (that needs the full ``mlflow`` package; with
     ``mlflow-skinny`` point ``tracking_uri`` at a server). ``mlflow_init_kwargs`` go to
     ``create_run`` (``tags``, ``start_time``). The run starts at the first record and ends
-    on close. A failure to start is reported once; the collector's other backends go on.
+    on close; one run per job: the first record of another job (``run_id``) ends it and
+    starts a new one, named from ``run_name`` again. A failure to start is reported once;
+    the collector's other backends go on.
 
     At least once after a crash: it implements none of ``protocol.Resumable``'s hooks.
     Metrics already sent to a tracking server cannot be cut back to a checkpoint, so after
@@ -58,6 +60,8 @@ class MLflowHandler(logging.Handler):
         self.failure: str | None = None
         self.dropped = 0
         self._client: Any = None
+        self._experiment_id = "0"
+        self._job: Any = None
         self._started = datetime.now()
 
     def _setup(self, record: logging.LogRecord) -> bool:
@@ -72,16 +76,15 @@ class MLflowHandler(logging.Handler):
             if not self.tracking_uri:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(tracking_uri=uri)
-            experiment_id = "0"
             if self.experiment_name:
                 experiment = client.get_experiment_by_name(self.experiment_name)
-                experiment_id = (
+                self._experiment_id = (
                     experiment.experiment_id
                     if experiment is not None
                     else client.create_experiment(self.experiment_name)
                 )
-            name = run_name_for(self.run_name, record, now=self._started)
-            run = client.create_run(experiment_id, run_name=name, **self.mlflow_init_kwargs)
+            self._client = client
+            self._start_run(record, self._started)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             _log.error(
@@ -89,9 +92,15 @@ class MLflowHandler(logging.Handler):
                 "the other backends go on",
                 self.failure,
             )
+            self._client = None
             return False
-        self._client, self.run_id = client, run.info.run_id
         return True
+
+    def _start_run(self, record: logging.LogRecord, now: datetime) -> None:
+        name = run_name_for(self.run_name, record, now=now)
+        run = self._client.create_run(self._experiment_id, run_name=name, **self.mlflow_init_kwargs)
+        self.run_id = run.info.run_id
+        self._job = getattr(record, "run_id", None)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.failure is not None:
@@ -105,6 +114,9 @@ class MLflowHandler(logging.Handler):
         try:
             from mlflow.entities import Metric, Param
 
+            if getattr(record, "run_id", None) != self._job:  # the next job: a run of its own
+                self._client.set_terminated(self.run_id, end_time=int(time.time() * 1000))
+                self._start_run(record, datetime.now())
             flat = flatten_dict(record.msg, sep=".")
             if getattr(record, "hparams", False):
                 params = [Param(key, str(value)) for key, value in flat.items()]

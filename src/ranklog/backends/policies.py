@@ -17,6 +17,11 @@ see::
 Whatever the policy, a hyper-parameter record (``extra={"hparams": True}``) reaches the
 backend once however many ranks send it. Records without a step (and strings) cannot be
 lined up across ranks, so ``first`` and the reducing policies take them from rank 0.
+
+Jobs (run ids) stay apart: steps and hyper-parameters count per job, and a reducing
+policy hands on what it held of a job when the next job begins. A record merged from ranks
+is marked ``ranks_merged``: a backend names its run after the job's rank 0, not after
+whichever rank came first (``run_name.run_name_for``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ranklog.filters import IsRank0Filter
 from ranklog.flatten import flatten_dict
 from ranklog.names import DEFAULT_POLICY_TIMEOUT, POLICY_NAMES
 from ranklog.reporting import ReportOnce
+from ranklog.run_name import MERGED_ATTR
 
 _log = logging.getLogger(__name__)
 
@@ -60,12 +66,15 @@ def _rank(record: logging.LogRecord) -> int:
     return int(rank) if rank is not None else 0
 
 
+def _job(record: logging.LogRecord) -> Any:
+    return getattr(record, "run_id", None)
+
+
 def _derived(record: logging.LogRecord, msg: Any, **attrs: Any) -> logging.LogRecord:
-    # A copy, not an edit: other backends hold the same record object.
-    copy = logging.makeLogRecord(record.__dict__)
-    copy.msg = msg
-    copy.args = None
-    copy.__dict__.update(attrs)
+    """A copy marked as merged across ranks, not an edit: other backends hold the same
+    record object."""
+    copy = logging.LogRecord.__new__(logging.LogRecord)
+    copy.__dict__ = {**record.__dict__, "msg": msg, "args": None, MERGED_ATTR: True, **attrs}
     return copy
 
 
@@ -129,7 +138,7 @@ class RankPolicy:
     def _first_hparams(self, record: logging.LogRecord) -> bool:
         msg = record.msg
         content = flatten_dict(msg) if isinstance(msg, Mapping) else str(msg)
-        text = json.dumps([record.name, content], sort_keys=True, default=repr)
+        text = json.dumps([_job(record), record.name, content], sort_keys=True, default=repr)
         key = hashlib.sha256(text.encode()).hexdigest()[:32]  # small enough to checkpoint
         if key in self._hparams_seen:
             return False
@@ -187,15 +196,16 @@ class FirstPolicy(RankPolicy):
 
     def __init__(self, backend: str = "") -> None:
         super().__init__(backend)
-        self._seen: OrderedDict[tuple[str, int], _FirstStep] = OrderedDict()
+        self._seen: OrderedDict[tuple[Any, str, int], _FirstStep] = OrderedDict()
 
     def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
         step = getattr(record, "step", None)
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if _rank(record) == 0 else []
-        seen = self._seen.get((record.name, step))
+        where = (_job(record), record.name, step)
+        seen = self._seen.get(where)
         if seen is None:
-            seen = self._seen[(record.name, step)] = _FirstStep(getattr(record, START_ATTR, 0))
+            seen = self._seen[where] = _FirstStep(getattr(record, START_ATTR, 0))
             if len(self._seen) > self.window:
                 self._seen.popitem(last=False)
         flat = flatten_dict(record.msg)
@@ -203,7 +213,7 @@ class FirstPolicy(RankPolicy):
         seen.keys.update(fresh)
         if not fresh:
             return []
-        return [record if len(fresh) == len(flat) else _derived(record, fresh)]
+        return [_derived(record, record.msg if len(fresh) == len(flat) else fresh)]
 
     def remember_from(self) -> int | None:
         # Every step in the window, as a later record of any of them must still be judged.
@@ -250,6 +260,7 @@ class ReducePolicy(RankPolicy):
         self._open: dict[tuple[str, int], list[_Step]] = {}
         self._order = itertools.count()
         self._emitted_step: int | None = None
+        self._job: Any = None
         self._report = ReportOnce(_log)
 
     @property
@@ -267,9 +278,10 @@ class ReducePolicy(RankPolicy):
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if _rank(record) == 0 else []
         self.world_size = max(self.world_size, int(getattr(record, "world_size", None) or 1))
+        ended = self._end_job(_job(record)) if _job(record) != self._job else []
         if self._emitted_step is not None and step < self._emitted_step:
             self._count_late(step)
-            return self.due(now)
+            return ended + self.due(now)
         rank = _rank(record)
         # A rank's n-th record at a step joins the n-th group of that step, so that a second
         # dict logged at the same step (say a validation loss) lines up across ranks too.
@@ -285,7 +297,16 @@ class ReducePolicy(RankPolicy):
             group.first = record
         for key, value in flatten_dict(record.msg).items():
             group.values.setdefault(key, {})[rank] = value
-        return self.due(now)
+        return ended + self.due(now)
+
+    def _end_job(self, job: Any) -> list[logging.LogRecord]:
+        """The next job began: hand on what is held of the last one; start steps afresh."""
+        why = "when the next job began"
+        held = [self._emit(heapq.heappop(self._heap), why) for _ in range(len(self._heap))]
+        if self._job is not None:  # None: a fresh policy, or a checkpoint from before jobs
+            self._emitted_step = None
+        self._job = job
+        return held
 
     def due(self, now: float) -> list[logging.LogRecord]:
         out = []
@@ -302,11 +323,13 @@ class ReducePolicy(RankPolicy):
         return [start for group in self._heap for start in group.starts]
 
     def checkpoint(self) -> dict[str, Any] | None:
-        return {**(super().checkpoint() or {}), "emitted_step": self._emitted_step}
+        state = {**(super().checkpoint() or {}), "emitted_step": self._emitted_step}
+        return {**state, "job": self._job} if self._job is not None else state
 
     def restore(self, state: dict[str, Any] | None) -> None:
         super().restore(state)
         self._emitted_step = (state or {}).get("emitted_step")  # later steps only, in order
+        self._job = (state or {}).get("job")
 
     def drain(self) -> list[logging.LogRecord]:
         out = [self._emit(heapq.heappop(self._heap), "at shutdown") for _ in range(len(self._heap))]

@@ -9,6 +9,7 @@ plugin's ``text_pb`` and the HParams plugin's ``hparams_pb``. So the collector n
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -19,9 +20,12 @@ from typing import Any
 from ranklog.backends.arguments import reject_unknown
 from ranklog.flatten import flatten_dict
 from ranklog.reporting import ReportOnce
-from ranklog.run_name import path_inside, run_name_for
+from ranklog.run_name import job_suffix, path_inside, run_name_for
 
 _log = logging.getLogger(__name__)
+#: How many jobs' run folders a checkpoint remembers (a job seen again after more than
+#: this many others gets a new folder).
+_JOBS_KEPT = 1000
 
 
 def _hparam_value(value: Any) -> bool | int | float | str:
@@ -31,18 +35,34 @@ def _hparam_value(value: Any) -> bool | int | float | str:
     return str(value)
 
 
+def _has_events(run_dir: Path) -> bool:
+    return any(run_dir.glob("events.out.tfevents.*"))
+
+
 class TensorBoardHandler(logging.Handler):
     """Write each metrics dict to TensorBoard under ``log_dir/<run_name>``.
 
     Numbers (and strings that parse as numbers) become scalars, other strings become text,
     and a record logged with ``extra={"hparams": True}`` becomes hyper-parameters that the
-    HParams dashboard shows. ``run_name`` defaults to ``{time}_rank{rank}``; in the collector
-    ``{rank}`` is the rank of the first record this handler sees (rank 0 under the default
-    ``rank0`` policy). Events are flushed every ``flush_secs`` seconds and on close.
+    HParams dashboard shows. ``run_name`` defaults to ``{time}_rank{rank}``. Events are
+    flushed every ``flush_secs`` seconds and on close.
 
-    Exactly once after a crash: it implements ``protocol.Rewindable`` (the event file's size
-    at a checkpoint, cut back to on restart or after a write error; the run goes on in a new
-    event file in the same run folder).
+    In the collector ``{rank}`` and ``{local_rank}`` are the rank of the records this
+    handler gets: 0 under the default ``rank0`` policy, and the job's rank 0 too under a
+    policy that merges ranks (``first``, ``all`` with ``rank{r}/`` keys, ``mean``, ``min``,
+    ``max``, ``sum``), whichever rank's record happened to come first; so the folder's name
+    does not depend on arrival order.
+
+    One run per job: records carry their job's run id (``run_id``, torchrun's
+    ``TORCHELASTIC_RUN_ID``), and the first record of another job closes the current run
+    and starts a new folder named from ``run_name`` again, ``{time}`` being the time it
+    starts (the handler's start for its first run). If that name is another job's already,
+    ``_<run id>`` is added. A job seen again goes on in its own folder.
+
+    Exactly once after a crash: it implements ``protocol.Rewindable``. Its state is every
+    event file's size at a checkpoint, cut back to on restart or after a write error (the
+    run goes on in a new event file in the same run folder), and each job's run folder, so
+    that a restart or ``ranklog replay`` writes every job into the folder it had.
 
     >>> handler = TensorBoardHandler(run_name="exp1", log_dir="logs")  # doctest: +SKIP
     >>> # later: tensorboard --logdir logs
@@ -76,30 +96,39 @@ class TensorBoardHandler(logging.Handler):
         self._started = datetime.now()
         self._writer: Any = None
         self._warn_once = ReportOnce(_log)
-        # Crash recovery, driven by the collector's runner: the run folder to keep writing
-        # into after a restart or rewind, whether to start it empty, each event file's size
-        # when opened, and a hook to call once a new event file exists.
-        self._resume_dir: Path | None = None
-        self._start_empty = False
+        # The job the writer writes, and each job's run folder (checkpointed).
+        self._job: Any = None
+        self._runs: dict[str, str] = {}
+        # Crash recovery, driven by the collector's runner: a run folder from a checkpoint
+        # older than jobs, whether to empty each run folder when first opened (a rebuild),
+        # the folders opened, each event file's size when opened, and a hook to call once a
+        # new event file exists.
+        self._unclaimed: Path | None = None
+        self._empty_first = False
+        self._opened_dirs: set[Path] = set()
         self._opened_at: dict[str, int] = {}
         self.on_new_file: Callable[[], None] | None = None
         # In the collector a write error (a full disk) must reach the runner, which rewinds.
         self.raise_os_errors = False
 
-    def _setup(self, record: logging.LogRecord) -> Any:
+    def _open_run(self, record: logging.LogRecord, job: Any) -> Any:
+        """The writer for ``record``'s job: its run folder, a new event file in it."""
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError as exc:
             raise RuntimeError(
                 "TensorBoardHandler needs the tensorboard package: pip install 'ranklog[collector]'"
             ) from exc
-        self.run_dir = self._resume_dir or path_inside(
-            self.log_dir, run_name_for(self.run_name, record, now=self._started)
-        )
+        if self._writer is not None:  # the next job: this one's run is complete
+            writer, self._writer = self._writer, None
+            writer.close()
+        self.run_dir = self._run_dir_for(record, job)
+        self._job = job
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self._start_empty:
+        if self._empty_first and self.run_dir not in self._opened_dirs:
             for old in self.run_dir.glob("events.out.tfevents.*"):
                 old.unlink()
+        self._opened_dirs.add(self.run_dir)
         self._writer = EventFileWriter(
             str(self.run_dir),
             max_queue_size=self.max_queue,
@@ -112,6 +141,30 @@ class TensorBoardHandler(logging.Handler):
             self.on_new_file()
         return self._writer
 
+    def _run_dir_for(self, record: logging.LogRecord, job: Any) -> Path:
+        key = "" if job is None else str(job)
+        known = self._runs.get(key)
+        if known is not None:
+            return Path(known)
+        if self._unclaimed is not None:
+            path, self._unclaimed = self._unclaimed, None
+        else:
+            now = self._started if self.run_dir is None else datetime.now()
+            name = run_name_for(self.run_name, record, now=now)
+            path = path_inside(self.log_dir, name)
+            taken = {Path(other) for other in self._runs.values()}
+            # A folder holding events no job here claims is an earlier job's (its checkpoint
+            # lost); not for a rebuild, nor in a training process (no job: the seed's way).
+            reuse = self._empty_first or job is None
+            for n in itertools.count(1):
+                if path not in taken and (reuse or not _has_events(path)):
+                    break
+                path = path_inside(self.log_dir, name + job_suffix(job) + f"_{n}" * (n > 1))
+        self._runs[key] = str(path)
+        if len(self._runs) > _JOBS_KEPT:
+            del self._runs[next(iter(self._runs))]
+        return path
+
     def emit(self, record: logging.LogRecord) -> None:
         if not isinstance(record.msg, Mapping):
             self._warn_once(
@@ -122,7 +175,9 @@ class TensorBoardHandler(logging.Handler):
             )
             return
         try:
-            writer = self._writer or self._setup(record)
+            job = getattr(record, "run_id", None)
+            writer = self._writer if job == self._job else None
+            writer = writer or self._open_run(record, job)
             summary = self._summary(record, record.msg)
             if summary is None:
                 return
@@ -167,21 +222,26 @@ class TensorBoardHandler(logging.Handler):
         return summary if summary.value else None
 
     def checkpoint(self) -> dict[str, Any]:
-        """Flush; return the event file's size: what a restart may cut it back to."""
-        if self._writer is None:
-            return {"files": {}}
-        self._writer.flush()
-        path = self._event_file()
-        return {"files": {path: os.path.getsize(path)}}
+        """Flush; return each event file's size (what a restart may cut it back to; a past
+        job's file is complete) and each job's run folder."""
+        if self._writer is not None:
+            self._writer.flush()
+        files = {path: os.path.getsize(path) for path in self._opened_at if os.path.exists(path)}
+        return {"files": files, "runs": dict(self._runs)}
 
     def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> None:
         """Cut event files written before a crash back to their checkpointed sizes (whole
-        events) and keep writing the same run; ``from_start``: start that run empty."""
-        for path, size in (state or {}).get("files", {}).items():
+        events) and write each job on into its run folder; ``from_start``: empty each run
+        folder when it is first written again."""
+        state = state or {}
+        for path, size in state.get("files", {}).items():
             if os.path.exists(path) and os.path.getsize(path) > size:
                 os.truncate(path, 0 if from_start else size)
-            self._resume_dir = Path(path).parent
-        self._start_empty = from_start
+            self._unclaimed = Path(path).parent
+        self._runs = dict(state.get("runs", {}))
+        if self._runs:  # else a checkpoint from before jobs: its folder is the next job's
+            self._unclaimed = None
+        self._empty_first = from_start
 
     def _event_file(self) -> str:
         # EventFileWriter keeps its file's name private; each process writes a file of its own.
@@ -190,7 +250,7 @@ class TensorBoardHandler(logging.Handler):
     def rewind_to(self, state: dict[str, Any] | None) -> None:
         """Drop the writer (and what it has not written), cut every event file back to
         ``state`` (one opened since: to its size then); the next record opens a new event
-        file in the same run folder."""
+        file in its job's run folder."""
         writer, self._writer = self._writer, None
         if writer is not None:
             with contextlib.suppress(Exception):  # a full disk: whatever it wrote is cut below
@@ -199,8 +259,6 @@ class TensorBoardHandler(logging.Handler):
         for path, size in sizes.items():
             if os.path.exists(path) and os.path.getsize(path) > size:
                 os.truncate(path, size)
-        self._resume_dir = self.run_dir
-        self._start_empty = False
 
     def flush(self) -> None:
         """Write buffered events to the event file now."""

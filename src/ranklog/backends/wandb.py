@@ -19,6 +19,8 @@ from ranklog.reporting import ReportOnce
 from ranklog.run_name import run_name_for
 
 _log = logging.getLogger(__name__)
+#: The job of a handler that has seen no record yet: the first record's job is its own.
+_FIRST: Any = object()
 
 
 class WandbHandler(logging.Handler):
@@ -29,18 +31,25 @@ class WandbHandler(logging.Handler):
     (``offline`` needs no account), ``WANDB_PROJECT``, ``WANDB_ENTITY``; ``WANDB_DIR`` and
     ``WANDB_NAME`` apply when ``log_dir`` / ``run_name`` are left at their defaults. Console
     capture is off (the collector's console is not the training's) unless ``settings`` or
-    ``WANDB_CONSOLE`` say otherwise. ``{rank}`` in ``run_name`` is the rank of the first
-    record (rank 0 under the default ``rank0`` policy).
+    ``WANDB_CONSOLE`` say otherwise. ``{rank}`` and ``{local_rank}`` in ``run_name`` are the
+    rank of the records it gets: 0 under the default ``rank0`` policy, and the job's rank 0
+    under a policy that merges ranks (``first``, ``all`` with renamed keys, ``mean``...).
 
     Rows go out with ``run.log(flat, step=step)`` in non-decreasing step order: a record whose
     step is lower than one already logged is dropped and counted (W&B would drop it
-    silently). If ``wandb.init`` fails, that is reported once and later records are dropped
-    and counted; the collector's other backends go on either way. ``close`` finishes the run.
+    silently). Each row's ``_timestamp`` is the time the rank logged it (``record.created``),
+    not the time the collector got to it, unless the record has a ``_timestamp`` of its own.
+    If ``wandb.init`` fails, that is reported once and later records are dropped and
+    counted; the collector's other backends go on either way. ``close`` finishes the run.
 
-    Exactly once after a crash: it implements ``protocol.Resumable``. Its state is the run
-    id (chosen before ``wandb.init``, so a crash during it resumes the same run) and, per
-    checkpoint, the last step handed to W&B with its journal offset (``OFFSET_ATTR``); W&B
-    writes asynchronously, so a restart reads the run's own log to learn which of those
+    One run per job: the first record of another job (``run_id``) finishes the current run
+    and starts a new one, named from ``run_name`` again (``{time}``: when it starts). A job
+    seen again resumes its own run after the last step that run holds.
+
+    Exactly once after a crash: it implements ``protocol.Resumable``. Its state is each
+    job's run id (chosen before ``wandb.init``, so a crash during it resumes the same run)
+    and, per checkpoint, the last step handed to W&B with its journal offset (``OFFSET_ATTR``);
+    W&B writes asynchronously, so a restart reads the run's own log to learn which of those
     steps landed, resumes the run and replays from there. It is not ``Rewindable``: rows
     handed to W&B cannot be taken back, so a write error is its own to report (W&B's
     service writes the files, not this process).
@@ -71,9 +80,16 @@ class WandbHandler(logging.Handler):
         self._run: Any = None
         self._last_step: int | None = None
         self._started = datetime.now()
-        # After a collector restart: the run to resume and the last step it already holds.
+        self._runs_started = 0
+        # The job being logged, each job's run id, and where W&B keeps the runs' logs.
+        self._job: Any = _FIRST
+        self._runs: dict[str, str] = {}
+        self._wandb_dir: Path | None = None
+        # The job's run to start or resume (after a collector restart, or a job seen again),
+        # its log, and the last step that run already holds.
         self._resume_id: str | None = None
         self._resuming = False
+        self._sync_file: str | None = None
         self._written_through: int | None = None
         self.already_written = 0
         # (step, journal offset) of the last row handed to W&B, at each checkpoint: W&B
@@ -103,7 +119,8 @@ class WandbHandler(logging.Handler):
             self.log_dir.mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(self.log_dir)
         if "name" not in kwargs and (self.run_name is not None or "WANDB_NAME" not in os.environ):
-            kwargs["name"] = run_name_for(self.run_name, record, now=self._started)
+            now = datetime.now() if self._runs_started else self._started
+            kwargs["name"] = run_name_for(self.run_name, record, now=now)
         kwargs.setdefault("config", {})
         if self._resume_id is not None:
             kwargs["id"] = self._resume_id
@@ -118,17 +135,20 @@ class WandbHandler(logging.Handler):
     def _setup(self, record: logging.LogRecord) -> bool:
         if self._resume_id is None:
             # Chosen (and checkpointed) before wandb.init: a collector killed during init
-            # resumes this run rather than starting a second one. The user's id first.
-            self._resume_id = (
-                self.wandb_init_kwargs.get("id")
-                or os.environ.get("WANDB_RUN_ID")
-                or uuid.uuid4().hex[:12]
-            )
+            # resumes this run rather than starting a second one. The user's id first, for
+            # one job.
+            given = self.wandb_init_kwargs.get("id") or os.environ.get("WANDB_RUN_ID")
+            fresh = given and given not in self._runs.values()
+            run_id = str(given) if fresh else uuid.uuid4().hex[:12]
+            self._resume_id = self._runs[_job_key(self._job)] = run_id
             self._announce()
         try:
             import wandb
 
             self._run = wandb.init(**self._init_kwargs(record))
+            self._runs_started += 1
+            self._sync_file = os.path.abspath(self._run.settings.sync_file)
+            self._wandb_dir = Path(self._sync_file).parent.parent
         except Exception as exc:  # no account, no network, bad settings: all the same here
             self.failure = f"{type(exc).__name__}: {exc}"
             _log.error(
@@ -146,35 +166,77 @@ class WandbHandler(logging.Handler):
             return
         if not isinstance(record.msg, Mapping):
             return
-        if self._run is None and not self._setup(record):
-            self.dropped += 1
-            return
         try:
-            flat = flatten_dict(record.msg)
-            if getattr(record, "hparams", False):
-                self._run.config.update(flat, allow_val_change=True)
-                return
+            job = getattr(record, "run_id", None)
+            if job != self._job:
+                self._enter_job(job)
             step = getattr(record, "step", None)
-            if step is None:
-                self._run.log(flat)
-                return
-            if self._written_through is not None and step <= self._written_through:
+            if self._holds(record, step):
                 self.already_written += 1  # replayed after a restart; the run has it
                 return
-            if self._last_step is not None and step < self._last_step:
-                self._report(
-                    "out-of-order",
-                    "backend wandb: step %d arrived after step %d; W&B needs steps in "
-                    "order, so it is dropped (further ones are counted)",
-                    step,
-                    self._last_step,
-                )
+            if self._run is None and not self._setup(record):
+                self.dropped += 1
                 return
-            self._last_step = step
-            self._run.log(flat, step=step)
-            self._last_offset = getattr(record, OFFSET_ATTR, None)
+            self._log(record, record.msg, step)
         except Exception:
             self.handleError(record)
+
+    def _log(self, record: logging.LogRecord, msg: Mapping[Any, Any], step: int | None) -> None:
+        flat = flatten_dict(msg)
+        if getattr(record, "hparams", False):
+            self._run.config.update(flat, allow_val_change=True)
+            return
+        flat.setdefault("_timestamp", record.created)  # the rank's time, not ours
+        if step is None:
+            self._run.log(flat)
+            return
+        if self._last_step is not None and step < self._last_step:
+            self._report(
+                "out-of-order",
+                "backend wandb: step %d arrived after step %d; W&B needs steps in "
+                "order, so it is dropped (further ones are counted)",
+                step,
+                self._last_step,
+            )
+            return
+        self._last_step = step
+        self._run.log(flat, step=step)
+        self._last_offset = getattr(record, OFFSET_ATTR, None)
+
+    def _holds(self, record: logging.LogRecord, step: int | None) -> bool:
+        """Whether the run being resumed has this record already (its hyper-parameters: a
+        run that holds rows has them)."""
+        if self._written_through is None:
+            return False
+        if step is None:
+            return bool(getattr(record, "hparams", False))
+        return step <= self._written_through
+
+    def _enter_job(self, job: Any) -> None:
+        """The first record of ``job``: finish the last job's run; this job's run starts at
+        its first row, or resumes after the rows it already holds if the job was seen."""
+        if self._job is _FIRST:  # this handler's first job, or a checkpoint's from before jobs
+            self._job = job
+            if self._resume_id is not None:
+                self._runs.setdefault(_job_key(job), self._resume_id)
+            return
+        run, self._run = self._run, None
+        if run is not None:
+            run.finish()
+        self._job = job
+        self._resume_id = self._runs.get(_job_key(job))
+        self._resuming = self._resume_id is not None
+        self._written_through = self._logged_through(self._resume_id)
+        self._sync_file, self._last_step, self._last_offset, self._marks = None, None, None, []
+
+    def _logged_through(self, run_id: str | None) -> int | None:
+        """The last step the logs of run ``run_id`` hold (None if none)."""
+        if run_id is None or self._wandb_dir is None:
+            return None
+        from ranklog.backends.wandb_log import last_step
+
+        logs = self._wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb")
+        return max((step for step in map(last_step, logs) if step is not None), default=None)
 
     def _announce(self) -> None:
         """Have the collector record the run now, not at its next checkpoint (best effort:
@@ -187,33 +249,41 @@ class WandbHandler(logging.Handler):
             _log.warning("backend wandb: could not checkpoint the run yet (%s)", exc)
 
     def checkpoint(self) -> dict[str, Any]:
-        """The run to resume after a crash, and its transaction log to learn how far it got."""
-        if self._run is None:
-            return {} if self._resume_id is None else {"run_id": self._resume_id}
-        if self._last_step is not None and self._last_offset is not None:
+        """The job's run to resume after a crash, its transaction log to learn how far it
+        got, and each job's run."""
+        if self._run is not None and self._last_step is not None and self._last_offset is not None:
             mark = (self._last_step, self._last_offset)
             if not self._marks or self._marks[-1] != mark:
                 self._marks = [*self._marks[-255:], mark]
-        sync_file = os.path.abspath(self._run.settings.sync_file)
-        return {"run_id": self._run.id, "sync_file": sync_file, "marks": self._marks}
+        if self._job is _FIRST and self._resume_id is None:
+            return {}
+        # Every key, every time: the runner keeps the last checkpoint's keys not given again.
+        state = {"run_id": self._resume_id, "sync_file": self._sync_file, "marks": self._marks}
+        if self._job is _FIRST:
+            return state
+        wandb_dir = None if self._wandb_dir is None else str(self._wandb_dir)
+        return {**state, "job": self._job, "runs": dict(self._runs), "wandb_dir": wandb_dir}
 
     def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> int | None:
         """Resume the crashed run: the same run id (W&B merges its segments when synced), and
         no step again that its logs on disk already hold. Returns the journal offset to
-        replay from: the newest checkpoint mark whose rows are all in those logs."""
+        replay from: the newest checkpoint mark whose rows are all in those logs.
+        ``from_start``: every job gets a new run (what W&B holds cannot be taken back)."""
         if from_start or not state or "run_id" not in state:
             return None
-        from ranklog.backends.wandb_log import last_step
-
+        self._runs = dict(state.get("runs") or {})
+        self._job = state.get("job", _FIRST)
+        if state.get("wandb_dir"):
+            self._wandb_dir = Path(state["wandb_dir"])
         run_id = state["run_id"]
         self._resume_id = run_id
-        self._resuming = True
+        self._resuming = run_id is not None
         if not state.get("sync_file"):
-            return None  # killed inside wandb.init: nothing logged yet
-        _settle(Path(state["sync_file"]))
-        logs = Path(state["sync_file"]).parent.parent.glob(f"*{run_id}*/run-{run_id}.wandb")
-        steps = [step for step in map(last_step, logs) if step is not None]
-        self._written_through = max(steps, default=None)
+            return None  # killed inside wandb.init (or before it): nothing logged yet
+        self._sync_file = state["sync_file"]
+        _settle(Path(self._sync_file))
+        self._wandb_dir = Path(self._sync_file).parent.parent
+        self._written_through = self._logged_through(run_id)
         self._marks = [(int(step), int(offset)) for step, offset in state.get("marks", [])]
         through = self._written_through
         safe = [offset for step, offset in self._marks if through is not None and step <= through]
@@ -233,6 +303,10 @@ class WandbHandler(logging.Handler):
                 self.out_of_order,
             )
         super().close()
+
+
+def _job_key(job: Any) -> str:
+    return "" if job is None else str(job)
 
 
 def _settle(log: Path, quiet: float = 0.5, timeout: float = 10.0) -> None:
