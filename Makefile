@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint compose-test bench clean
+.PHONY: venv demo test lint compose-test bench clean test-tools
 
 venv: $(STAMP)
 
@@ -30,7 +30,19 @@ lint: venv
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-test: lint
+# tmux and Prometheus for tests/test_watch.py (a live `ranklog top`, a real scrape), on Debian
+# as root; elsewhere those tests skip with the reason (RANKLOG_REQUIRE_TMUX=1 and
+# RANKLOG_REQUIRE_PROMETHEUS=1, as .ci/run sets, fail them instead). The tests never use
+# Debian's prometheus service: they start their own server, config and storage.
+test-tools:
+	@if { ! command -v tmux || ! test -x /usr/bin/prometheus; } >/dev/null 2>&1 \
+		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q --no-install-recommends tmux prometheus \
+		|| echo "make: could not install tmux/prometheus; their tests will skip" >&2; \
+	fi
+
+test: lint test-tools
 	$(PY) -m pytest -q
 
 compose-test: venv

@@ -87,6 +87,7 @@ def run_phase(
     rate: float,
     prefill: bool,
     profile: bool = False,
+    collector_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One collector, ``ranks`` rank processes; returns the measurements."""
     endpoint = f"tcp://127.0.0.1:{_common.free_port()}"
@@ -102,7 +103,7 @@ def run_phase(
             output_dir, "--logger-type", logger_type, "--world-size", str(ranks),
             "--exit-when-done", "--status-interval", "5",
             # Measure until every backend wrote everything, however long a slow one takes.
-            "--drain-timeout", "600", bind=endpoint,
+            "--drain-timeout", "600", *collector_args, bind=endpoint,
         )  # fmt: skip
     except RuntimeError as exc:
         for proc in procs:
@@ -140,6 +141,8 @@ def run_phase(
         "sustained_rps": _slope(sampler.samples, total) if has_jsonl else None,
         **_memory(sampler.samples),
     }
+    if "collector_cpu_s" in result:  # the collector and its backends' process together
+        result["cpu_us_per_record"] = result["collector_cpu_s"] / total * 1e6
     # A backend whose SDK is missing or broken is reported and switched off; the others go on.
     # (One that falls behind and catches up from the journal loses nothing: only noted.)
     lines_of_log = log.splitlines()
@@ -193,6 +196,7 @@ def _memory(samples: list[dict[str, float]]) -> dict[str, Any]:
         "rss_end_mib": samples[-1]["rss_kib"] / 1024,
         "rss_growth_after_warm": peak / warm["rss_kib"] - 1,
         "collector_cpu_cores": cpu_s / (samples[-1]["t"] - samples[0]["t"]),
+        "collector_cpu_s": cpu_s,
     }
 
 
@@ -211,6 +215,12 @@ def main() -> int:
         "--steady-seconds", type=float, default=20.0, help="length of the steady phase (0: skip it)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the output directories")
+    parser.add_argument(
+        "--collector-arg",
+        action="append",
+        default=[],
+        help="a flag for `ranklog collect` (repeatable): --collector-arg=--metrics-port=9400",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -237,6 +247,7 @@ def main() -> int:
                     rate=float(phase["rate"]),
                     prefill=bool(phase["prefill"]),
                     profile=args.profile,
+                    collector_args=tuple(args.collector_arg),
                 )
                 result.setdefault("logger_type", logger_type)
                 results.append(result)
@@ -254,7 +265,7 @@ def report(results: list[dict[str, Any]], ranks: int) -> None:
     rows = []
     for r in results:
         if "skipped" in r:
-            rows.append([r["logger_type"], "skipped: " + r["skipped"][:60]] + [""] * 9)
+            rows.append([r["logger_type"], "skipped: " + r["skipped"][:60]] + [""] * 10)
             continue
         rows.append([
             r["logger_type"], r["mode"], r["records"],
@@ -263,12 +274,14 @@ def report(results: list[dict[str, Any]], ranks: int) -> None:
             _lost(r), r.get("rss_warm_mib", float("nan")),
             r.get("rss_peak_after_warm_mib", float("nan")),
             f"{100 * r['rss_growth_after_warm']:+.0f}%" if "rss_growth_after_warm" in r else "-",
-            r.get("collector_cpu_cores", float("nan")), r["collector_exit"],
+            r.get("collector_cpu_cores", float("nan")),
+            r.get("cpu_us_per_record", float("nan")), r["collector_exit"],
         ])  # fmt: skip
     _common.print_table(
         f"Collector, {ranks} rank processes over tcp://127.0.0.1",
         ["backends", "mode", "records", "records/s (10-90%)", "records/s end-to-end",
-         "lost", "RSS warm MiB", "RSS peak MiB", "RSS growth", "CPU cores", "exit"],
+         "lost", "RSS warm MiB", "RSS peak MiB", "RSS growth", "CPU cores", "CPU µs/record",
+         "exit"],
         rows,
     )  # fmt: skip
     _common.write_results("collector", {"ranks": ranks, "runs": results})

@@ -2,7 +2,7 @@
 
     python -m tests.rank_worker --endpoint tcp://127.0.0.1:5555 --rank 0 --world-size 4 \
         --records 3000 [--rate 1000] [--tag t] [--close-timeout 30] [--metrics 16] [--run-id test]
-        [--special-values]
+        [--special-values] [--step-delay 0.1] [--sleep-at 50:15]
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ def main() -> int:
     parser.add_argument(
         "--special-values", action="store_true", help="also log nan, inf and -inf each step"
     )
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds slept per step")
+    parser.add_argument(
+        "--sleep-at", default=None, metavar="STEP:SECONDS", help="sleep once, after that step"
+    )
     args = parser.parse_args()
+    sleep_step, sleep_for = map(float, args.sleep_at.split(":")) if args.sleep_at else (-1, 0)
 
     handler = ZMQSocketHandler(
         args.endpoint,
@@ -61,6 +66,10 @@ def main() -> int:
             },
             extra={"step": step},
         )
+        if args.step_delay:
+            time.sleep(args.step_delay)
+        if step == sleep_step:
+            time.sleep(sleep_for)
         if args.rate:
             delay = started + (i + 1) / args.rate - time.monotonic()
             if delay > 0:

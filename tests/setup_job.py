@@ -3,7 +3,8 @@
     torchrun --standalone --nproc-per-node 2 tests/setup_job.py '<json>'
 
 The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``, and
-``steps`` (default 20); each rank then logs ``{"loss": ..., "bad": nan}`` per step.
+``steps`` (default 20); each rank then logs ``{"loss": ..., "bad": nan}`` per step, sleeping
+``step_delay`` seconds (default 0) after each.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -26,6 +28,7 @@ def main() -> int:
     metrics.info({"lr": 0.1}, extra={"hparams": True})
     for step in range(spec.get("steps", 20)):
         metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
+        time.sleep(spec.get("step_delay", 0))
     code = finish_metric_logger(timeout=120)
     dist.destroy_process_group()
     return 0 if code in (None, 0) else 1

@@ -1,4 +1,4 @@
-"""``ranklog`` command line: ``collect``, ``replay``, ``keys``."""
+"""``ranklog`` command line: ``collect``, ``replay``, ``keys``, ``top``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from ranklog.collector.collector import replay, serve
-from ranklog.collector.settings import BackendSettings, ServeSettings
+from ranklog.collector.settings import (
+    METRICS_PORT_ENV,
+    STALL_TIMEOUT_ENV,
+    BackendSettings,
+    ServeSettings,
+)
+from ranklog.collector.top import add_top_command, run_top
 from ranklog.endpoints import ENDPOINT_ENV
 from ranklog.errors import ConfigError
 from ranklog.names import BACKEND_OPTIONS, backend_options
@@ -130,6 +136,7 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
     collect.add_argument(
         "--allow-remote", action="store_true", help="allow listening on interfaces beyond loopback"
     )
+    _add_watch_flags(collect)
     collect.add_argument(
         "--curve-secret",
         type=Path,
@@ -142,6 +149,41 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="CURVE: directory of allowed client public key files (*.key)",
+    )
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _add_watch_flags(collect: argparse.ArgumentParser) -> None:
+    """Flags of ``collect`` for watching the job: stalls and ``/metrics``."""
+    collect.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=os.environ.get(STALL_TIMEOUT_ENV, ServeSettings.stall_timeout),
+        help=f"seconds a rank that is heard may go without stepping while others step before "
+        f"it counts as stalled (rank_stalled); 0 turns it off (default: ${STALL_TIMEOUT_ENV} "
+        f"or {ServeSettings.stall_timeout:g})",
+    )
+    collect.add_argument(
+        "--metrics-port",
+        type=int,
+        default=os.environ.get(METRICS_PORT_ENV, ServeSettings.metrics_port),
+        help=f"serve Prometheus metrics at http://HOST:PORT/metrics (default: ${METRICS_PORT_ENV}"
+        ", else none)",
+    )
+    collect.add_argument(
+        "--metrics-host", default=ServeSettings.metrics_host, help="address for --metrics-port"
+    )
+    collect.add_argument(
+        "--export-metric",
+        dest="export_metrics",
+        type=_names,
+        action="extend",
+        metavar="NAMES",
+        help="user metrics (comma-separated, repeatable: loss,lr) whose latest value per rank "
+        "/metrics exports as ranklog_metric{name,rank}",
     )
 
 
@@ -198,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--out", type=Path, default=Path("."), help="directory for the key files")
     keys.add_argument("--name", default="collector", help="base name of the key files")
+    add_top_command(commands, _Help)
     return parser
 
 
@@ -264,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
         return _make_keys(args)
+    if args.command == "top":
+        return run_top(args)
     log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
     try:
         return _run(args)

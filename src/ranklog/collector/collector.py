@@ -14,6 +14,7 @@ from ranklog.collector.liveness import Liveness
 from ranklog.collector.receive import receive
 from ranklog.collector.router import Router
 from ranklog.collector.settings import DEFAULT_BIND, BackendSettings, ServeSettings
+from ranklog.collector.status import Watch
 from ranklog.collector.store import Store
 from ranklog.errors import ConfigError
 
@@ -33,24 +34,30 @@ def serve(
     store = Store(settings.backends)
     try:
         with Router(settings) as router:
-            _log.info(
-                "ranklog collector listening on %s (backends: %s, output: %s)",
-                router.endpoint,
-                ", ".join(store.backends.names) or "none",
-                settings.backends.output_dir,
-            )
-            if on_listening is not None:
-                on_listening(router.endpoint)
-            _serve(router, store, settings, stop)
+            watch = Watch(store, settings, time.monotonic())
+            try:
+                _log.info(
+                    "ranklog collector listening on %s (backends: %s, output: %s)",
+                    router.endpoint,
+                    ", ".join(store.backends.names) or "none",
+                    settings.backends.output_dir,
+                )
+                if on_listening is not None:
+                    on_listening(router.endpoint)
+                _serve(router, store, settings, stop, watch)
+            finally:
+                watch.close()
     finally:
         # Also when listening failed: the backends' process must not outlive the loop.
         clean = store.close()
     return 0 if clean else 1
 
 
-def _serve(router: Router, store: Store, settings: ServeSettings, stop: threading.Event) -> None:
+def _serve(
+    router: Router, store: Store, settings: ServeSettings, stop: threading.Event, watch: Watch
+) -> None:
     """The receive loop: receive, journal, acknowledge; then the backends, liveness,
-    status and the exit rule, once per pass."""
+    progress, status and the exit rule, once per pass."""
     now = time.monotonic()
     status = StatusLine(store.stats, store.ranks, settings.status_interval, now)
     liveness = Liveness(
@@ -61,6 +68,7 @@ def _serve(router: Router, store: Store, settings: ServeSettings, stop: threadin
         settings.connect_timeout if settings.exit_when_done else None,
     )
     status.waiting_for = liveness.waiting_for
+    status.stragglers = watch.progress.stragglers
     last_message_at = 0.0
     while not stop.is_set():
         messages = router.receive(_POLL_MS)
@@ -74,6 +82,7 @@ def _serve(router: Router, store: Store, settings: ServeSettings, stop: threadin
         store.advance()
         now = time.monotonic()
         store.events.write(liveness.newly_silent(now))
+        store.events.write(watch.tick(now))
         status.tick(now)
         if settings.exit_when_done and liveness.may_exit(now, last_message_at):
             _log.info("every rank finished; draining and exiting")

@@ -55,6 +55,7 @@ class StatusLine:
         self.ranks = ranks
         self.interval = interval
         self.waiting_for: Callable[[], str] = str  # what the exit rule waits for, if anything
+        self.stragglers: Callable[[], str] = str  # ranks well behind the best, if any
         self._next = now + interval
         self._last_accepted = stats.accepted
 
@@ -63,7 +64,8 @@ class StatusLine:
             rate = (self.stats.accepted - self._last_accepted) / self.interval
             self._last_accepted = self.stats.accepted
             self._next = now + self.interval
-            log_status(self.stats, self.ranks, rate, self.waiting_for())
+            notes = "; ".join(filter(None, (self.waiting_for(), self.stragglers())))
+            log_status(self.stats, self.ranks, rate, notes)
 
 
 def log_status(stats: CollectorStats, ranks: RankTable, rate: float, waiting: str = "") -> None:

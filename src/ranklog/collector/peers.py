@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ranklog.collector.cadence import Cadence
+
 
 class SeqTracker:
     """Accepted seqs of one (run, rank, incarnation): a contiguous prefix plus stragglers.
@@ -72,8 +74,11 @@ class Peer:
     goodbye_seq: int | None = None
     dropped: int = 0
     converted: int = 0
+    resent: int = 0  # records the rank sent again (its heartbeats' ``resent``), if it says
     last_step: int | None = None
     silent: bool = False
+    run: str = ""  # the job: set by RankTable.add from the key
+    progress: Cadence = field(default_factory=Cadence)
     # Heard by this collector run, not only read back from the journal: an earlier job's
     # ranks (whose goodbyes the journal still holds) never decide when this job is done.
     live: bool = False
@@ -90,6 +95,8 @@ class RankTable:
     def __init__(self) -> None:
         self._peers: dict[PeerKey, Peer] = {}
         self._by_rank: dict[int, list[Peer]] = {}
+        # Metric names whose latest value every incarnation keeps (shared with each Cadence).
+        self.watched: list[str] = []
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -101,6 +108,8 @@ class RankTable:
         return self._peers.get(key)
 
     def add(self, key: PeerKey, peer: Peer) -> Peer:
+        peer.run = key[0]
+        peer.progress.watched = self.watched
         self._peers[key] = peer
         self._by_rank.setdefault(peer.rank, []).append(peer)
         return peer

@@ -154,6 +154,9 @@ def _new_peer(envelope: dict[str, Any]) -> Peer:
 def _note_counters(peer: Peer, envelope: dict[str, Any]) -> None:
     peer.dropped = max(peer.dropped, envelope["dropped"])
     peer.converted = max(peer.converted, envelope["converted"])
+    resent = envelope.get("resent", 0)  # from ranks that report it
+    if type(resent) is int:
+        peer.resent = max(peer.resent, resent)
     peer.tracker.skip_below(envelope["base"])
 
 
@@ -167,6 +170,8 @@ def account(
         stats.accepted += 1
         if envelope["step"] is not None:
             peer.last_step = envelope["step"]
+        if live:
+            peer.progress.record(envelope, peer.last_seen)
         return []
     peer.goodbye_seq = envelope["seq"]
     _note_counters(peer, envelope)

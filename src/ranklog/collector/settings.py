@@ -20,6 +20,10 @@ from ranklog.errors import ConfigError
 from ranklog.names import DEFAULT_POLICY_TIMEOUT, parse_logger_types, parse_policy_spec
 from ranklog.pipe import BackendSpec
 
+# Defaults of ``ranklog collect``'s flags, so the embedded collector (started by
+# setup_metric_logger) takes them from the ranks' environment.
+STALL_TIMEOUT_ENV = "RANKLOG_STALL_TIMEOUT"
+METRICS_PORT_ENV = "RANKLOG_METRICS_PORT"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
@@ -119,6 +123,13 @@ class ServeSettings:
     allow_remote: bool = False
     curve_secret: Path | None = None  # the collector's own key pair (``ranklog keys``)
     curve_allow: Path | None = None  # a directory of allowed client public keys
+    # Seconds a heard rank may go without stepping while others step before it counts as
+    # stalled (``rank_stalled``); 0 turns this off.
+    stall_timeout: float = 300.0
+    metrics_port: int | None = None  # a Prometheus endpoint (/metrics) on this port
+    metrics_host: str = "127.0.0.1"
+    # User metrics whose latest value /metrics exports (``ranklog_metric{name, rank}``).
+    export_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.allow_remote and not is_local_only(self.bind):
@@ -128,6 +139,15 @@ class ServeSettings:
             )
         if self.curve_allow is not None and self.curve_secret is None:
             raise ConfigError("curve_allow needs curve_secret: the collector's own key pair")
+        metrics = f"tcp://{self.metrics_host}:{self.metrics_port}"
+        if self.metrics_port is not None and not self.allow_remote and not is_local_only(metrics):
+            raise ConfigError(
+                f"refusing to serve /metrics on {self.metrics_host}: beyond this machine; pass "
+                "allow_remote=True (--allow-remote) to allow it"
+            )
+        object.__setattr__(self, "export_metrics", tuple(self.export_metrics or ()))
+        if self.stall_timeout < 0:
+            raise ConfigError(f"stall_timeout must be 0 (off) or more, got {self.stall_timeout}")
         if self.exit_when_done and not self.backends.world_size:
             raise ConfigError("exit_when_done needs world_size: how many ranks to wait for")
 
