@@ -25,9 +25,9 @@ from ranklog.backends.jsonl import _flatten, _Timestamps
 from ranklog.errors import ProtocolError
 from ranklog.flatten import flatten_dict
 from ranklog.rank.encoder import RecordEncoder
-from ranklog.rank.handler import SenderSettings
 from ranklog.rank.identity import detect_identity
 from ranklog.rank.outbox import Outbox
+from ranklog.rank.sender import SenderSettings
 from ranklog.wire import PROTOCOL_VERSION, _validate, decode, pack_ack
 
 

@@ -20,5 +20,9 @@ class ProtocolError(RanklogError):
         self.detail = detail
 
 
-class ConfigError(RanklogError):
-    """A collector or handler configuration that cannot work."""
+class ConfigError(RanklogError, ValueError):
+    """A collector or handler configuration that cannot work.
+
+    Also a ``ValueError``: the rank side raised ``ValueError`` for bad CURVE keys before it
+    raised this, and code that catches ``ValueError`` for a bad argument keeps working.
+    """

@@ -8,7 +8,8 @@ checked before the collector trusts it. Shared by the rank side (which packs env
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -24,8 +25,97 @@ MAX_NAME_CHARS = 1024
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 RESERVED_EXTRA_KEYS = STANDARD_ATTRS | {"rank", "local_rank", "world_size", "host", "run_id"}
-# A record's own envelope fields, after the identity fields and kind (see RecordEncoder.record).
-RECORD_FIELDS = ("seq", "time", "logger", "level", "step", "hparams", "msg", "extra")
+
+
+class Rule(NamedTuple):
+    """What a field's value must be.
+
+    ``check`` is the rule itself. ``inline`` is a Python expression over ``{v}`` (the value,
+    ``_MISSING`` when the key is absent) for the fast path in :func:`decode`; it may be
+    stricter than ``check`` (a value it refuses goes to ``check``, which decides) but never
+    more lenient.
+    """
+
+    check: Callable[[Any], bool]
+    inline: str
+
+
+class Field(NamedTuple):
+    """One envelope key: the kinds that carry it and the rule its value follows."""
+
+    name: str
+    kinds: frozenset[str]
+    rule: Rule
+
+
+_MISSING: Any = object()
+
+
+def _int(minimum: int) -> Rule:
+    return Rule(
+        lambda v: type(v) is int and v >= minimum, f"type({{v}}) is int and {{v}} >= {minimum}"
+    )
+
+
+def _is_extra(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and k not in RESERVED_EXTRA_KEYS for k in value
+    )
+
+
+_NAME = Rule(
+    lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS,
+    "type({v}) is str and 0 < len({v}) <= MAX_NAME_CHARS",
+)
+_NUMBER = Rule(lambda v: isinstance(v, int | float), "type({v}) is float")
+_FLAG = Rule(lambda v: isinstance(v, bool), "type({v}) is bool")
+# Present even when nil: a missing key reads as ``_MISSING``, which neither form accepts.
+_INT_OR_NIL = Rule(lambda v: v is None or type(v) is int, "({v} is None or type({v}) is int)")
+_MAP_OR_TEXT = Rule(lambda v: isinstance(v, dict | str), "(type({v}) is dict or type({v}) is str)")
+_EXTRA = Rule(
+    _is_extra,
+    "type({v}) is dict and (not {v} or (RESERVED_EXTRA_KEYS.isdisjoint({v})"
+    " and all(type(k) is str for k in {v})))",
+)
+
+_FROM_RANK = frozenset({RECORD, HELLO, HEARTBEAT, GOODBYE})
+_EVERY = _FROM_RANK | {ACK}
+_COUNTERS = frozenset({HELLO, HEARTBEAT, GOODBYE})
+_RECORD = frozenset({RECORD})
+
+# The envelope schema: every key besides ``v`` and ``kind``, in the order they are checked
+# (so the first bad one is the one named). docs/protocol.md describes it; this is the truth.
+ENVELOPE: tuple[Field, ...] = (
+    Field("run", _EVERY, _NAME),
+    Field("rank", _EVERY, _int(0)),
+    Field("inc", _EVERY, _NAME),
+    Field("seq", frozenset({ACK}), _int(0)),
+    Field("local_rank", _FROM_RANK, _int(0)),
+    Field("world_size", _FROM_RANK, _int(1)),
+    Field("host", _FROM_RANK, _NAME),
+    Field("pid", _FROM_RANK, _int(0)),
+    Field("base", _COUNTERS, _int(0)),
+    Field("dropped", _COUNTERS, _int(0)),
+    Field("converted", _COUNTERS, _int(0)),
+    Field("seq", frozenset({RECORD, GOODBYE}), _int(1)),
+    Field("time", _RECORD, _NUMBER),
+    Field("logger", _RECORD, _NAME),
+    Field("level", _RECORD, _int(0)),
+    Field("step", _RECORD, _INT_OR_NIL),
+    Field("hparams", _RECORD, _FLAG),
+    Field("msg", _RECORD, _MAP_OR_TEXT),
+    Field("extra", _RECORD, _EXTRA),
+)
+
+# What every envelope from a rank carries (the encoder packs these once per process), and
+# what a record carries besides, in the order the encoder packs them.
+IDENTITY_FIELDS = tuple(f.name for f in ENVELOPE if f.kinds >= _FROM_RANK)
+RECORD_FIELDS = tuple(
+    f.name for f in ENVELOPE if RECORD in f.kinds and f.name not in IDENTITY_FIELDS
+)
+_CHECKS = {
+    kind: tuple((f.name, f.rule.check) for f in ENVELOPE if kind in f.kinds) for kind in KINDS
+}
 
 
 def pack_ack(run: str, rank: int, incarnation: str, seq: int) -> bytes:
@@ -45,20 +135,6 @@ def pack_ack(run: str, rank: int, incarnation: str, seq: int) -> bytes:
 
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("unsupported-type", f"msgpack extension type {code} is not part of v1")
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return type(value) is int and value >= minimum
-
-
-def _is_name(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS
-
-
-def _check(envelope: dict[Any, Any], field: str, ok: bool) -> None:
-    if not ok:
-        got = envelope.get(field, "<missing>")
-        raise ProtocolError("bad-field", f"field {field!r} has an invalid value {got!r:.80}")
 
 
 def decode(frame: bytes) -> dict[str, Any]:
@@ -99,65 +175,34 @@ def decode_journaled(frame: bytes) -> dict[str, Any]:
     return envelope
 
 
-def _plainly_valid_record(e: dict[Any, Any]) -> bool:
-    """True for a record envelope as ranks send them; anything else goes to ``_validate``,
-    which decides and names the field. One expression instead of a call per field: decoding
-    is most of the collector's receive loop."""
-    run, inc, host, logger = e.get("run"), e.get("inc"), e.get("host"), e.get("logger")
-    rank, local_rank, world_size = e.get("rank"), e.get("local_rank"), e.get("world_size")
-    pid, seq, level, step = e.get("pid"), e.get("seq"), e.get("level"), e.get("step")
-    msg, extra = e.get("msg"), e.get("extra")
-    return (
-        type(run) is str and 0 < len(run) <= MAX_NAME_CHARS
-        and type(inc) is str and 0 < len(inc) <= MAX_NAME_CHARS
-        and type(host) is str and 0 < len(host) <= MAX_NAME_CHARS
-        and type(logger) is str and 0 < len(logger) <= MAX_NAME_CHARS
-        and type(rank) is int and rank >= 0
-        and type(local_rank) is int and local_rank >= 0
-        and type(world_size) is int and world_size >= 1
-        and type(pid) is int and pid >= 0
-        and type(seq) is int and seq >= 1
-        and type(level) is int and level >= 0
-        and (step is None or type(step) is int)
-        and type(e.get("time")) is float
-        and type(e.get("hparams")) is bool
-        and (type(msg) is dict or type(msg) is str)
-        and type(extra) is dict
-        and (not extra or (RESERVED_EXTRA_KEYS.isdisjoint(extra)
-                           and all(type(k) is str for k in extra)))
-    )  # fmt: skip
+def _compile_fast_record_check() -> Callable[[dict[Any, Any]], bool]:
+    """One expression over every field of a record, generated from ``ENVELOPE``.
+
+    Decoding is most of the collector's receive loop. Calling each field's ``check`` costs a
+    Python call per field; this is what a hand-unrolled check would be, written once from the
+    table: ``_r0 = e.get("run", _MISSING)`` ... ``return type(_r0) is str and ...``.
+    """
+    fields = [f for f in ENVELOPE if RECORD in f.kinds]
+    gets = "".join(f"    _r{i} = e.get({f.name!r}, _MISSING)\n" for i, f in enumerate(fields))
+    test = "\n        and ".join(f.rule.inline.format(v=f"_r{i}") for i, f in enumerate(fields))
+    source = f"def plainly_valid_record(e):\n{gets}    return (\n        {test}\n    )\n"
+    namespace: dict[str, Any] = {
+        "_MISSING": _MISSING,
+        "MAX_NAME_CHARS": MAX_NAME_CHARS,
+        "RESERVED_EXTRA_KEYS": RESERVED_EXTRA_KEYS,
+    }
+    exec(compile(source, "<ranklog.wire record check>", "exec"), namespace)
+    check: Callable[[dict[Any, Any]], bool] = namespace["plainly_valid_record"]
+    return check
+
+
+# True for a record envelope as ranks send them; anything else goes to ``_validate``, which
+# decides and names the field.
+_plainly_valid_record = _compile_fast_record_check()
 
 
 def _validate(envelope: dict[Any, Any], kind: str) -> None:
-    _check(envelope, "run", _is_name(envelope.get("run")))
-    _check(envelope, "rank", _is_int(envelope.get("rank"), 0))
-    _check(envelope, "inc", _is_name(envelope.get("inc")))
-    if kind == ACK:
-        _check(envelope, "seq", _is_int(envelope.get("seq"), 0))
-        return
-    _check(envelope, "local_rank", _is_int(envelope.get("local_rank"), 0))
-    _check(envelope, "world_size", _is_int(envelope.get("world_size"), 1))
-    _check(envelope, "host", _is_name(envelope.get("host")))
-    _check(envelope, "pid", _is_int(envelope.get("pid"), 0))
-    if kind in (HELLO, HEARTBEAT, GOODBYE):
-        for counter in ("base", "dropped", "converted"):
-            _check(envelope, counter, _is_int(envelope.get(counter), 0))
-    if kind in (RECORD, GOODBYE):
-        _check(envelope, "seq", _is_int(envelope.get("seq"), 1))
-    if kind != RECORD:
-        return
-    _check(envelope, "time", isinstance(envelope.get("time"), int | float))
-    _check(envelope, "logger", _is_name(envelope.get("logger")))
-    _check(envelope, "level", _is_int(envelope.get("level"), 0))
-    _check(envelope, "step", "step" in envelope)  # present, even when nil
-    step = envelope["step"]
-    _check(envelope, "step", step is None or type(step) is int)
-    _check(envelope, "hparams", isinstance(envelope.get("hparams"), bool))
-    _check(envelope, "msg", isinstance(envelope.get("msg"), dict | str))
-    extra = envelope.get("extra")
-    _check(
-        envelope,
-        "extra",
-        isinstance(extra, dict)
-        and all(isinstance(k, str) and k not in RESERVED_EXTRA_KEYS for k in extra),
-    )
+    for name, check in _CHECKS[kind]:
+        if not check(envelope.get(name, _MISSING)):
+            got = envelope.get(name, "<missing>")
+            raise ProtocolError("bad-field", f"field {name!r} has an invalid value {got!r:.80}")

@@ -11,11 +11,20 @@ import msgpack
 
 from ranklog.rank.identity import RankIdentity
 from ranklog.rank.values import DeferredRecord, HostCopy, start_cuda_copy
-from ranklog.wire import PROTOCOL_VERSION, RECORD, RECORD_FIELDS, RESERVED_EXTRA_KEYS
+from ranklog.wire import (
+    IDENTITY_FIELDS,
+    PROTOCOL_VERSION,
+    RECORD,
+    RECORD_FIELDS,
+    RESERVED_EXTRA_KEYS,
+)
 
 _MAX_SANITIZE_DEPTH = 64
 _HANDLED_EXTRAS = frozenset({"step", "hparams"})
 _NOT_EXTRA = RESERVED_EXTRA_KEYS | _HANDLED_EXTRAS
+# The RankIdentity attribute behind each of ranklog.wire's IDENTITY_FIELDS, where the names
+# differ; a field the identity lacks fails here, when the encoder is made.
+_IDENTITY_ATTRS = {"run": "run_id", "inc": "incarnation"}
 
 
 class _SlowPath(Exception):
@@ -48,16 +57,9 @@ class RecordEncoder:
         self.converted = 0
         self._host_copy = host_copy
         self._copies: list[HostCopy] | None = None
-        self._identity_fields: dict[str, Any] = {
-            "v": PROTOCOL_VERSION,
-            "run": identity.run_id,
-            "rank": identity.rank,
-            "local_rank": identity.local_rank,
-            "world_size": identity.world_size,
-            "host": identity.host,
-            "pid": identity.pid,
-            "inc": identity.incarnation,
-        }
+        self._identity_fields: dict[str, Any] = {"v": PROTOCOL_VERSION}
+        for name in IDENTITY_FIELDS:
+            self._identity_fields[name] = getattr(identity, _IDENTITY_ATTRS.get(name, name))
         self._packer = msgpack.Packer(default=self._to_wire)
         # The identity part of every record envelope is packed once: a record packs only its
         # own fields (a map of RECORD_FIELDS entries, so a one-byte header) and is joined
@@ -76,6 +78,8 @@ class RecordEncoder:
         if step is not None and type(step) is not int:
             step = self._step(step)
         hparams = attrs.get("hparams", False)
+        # RECORD_FIELDS, in their order (ranklog.wire.ENVELOPE); a literal is the fastest way
+        # to build them, and decode() checks every field against the table in the tests.
         fields = {
             "seq": seq,
             "time": record.created,

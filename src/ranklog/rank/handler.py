@@ -1,25 +1,20 @@
-"""``ZMQSocketHandler``: the per-rank logging handler.
+"""``ZMQSocketHandler``: the per-rank logging handler, a thin adapter over a sender.
 
-The caller's thread only builds the envelope, packs it and appends the bytes to a bounded
-outbox. A sender thread owns the DEALER socket: it sends batches, reads acknowledgements,
-resends what was not acknowledged in time, and says hello, heartbeat and goodbye.
+The caller's thread only packs each LogRecord as an envelope (``RecordEncoder``) and hands
+the bytes to a :class:`~ranklog.rank.sender.Sender`, which buffers them and delivers them
+on a thread of its own.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import threading
-import time
-import warnings
 import weakref
 
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import RankIdentity, derived_endpoint, detect_identity, new_incarnation
 from ranklog.rank.outbox import Outbox
 from ranklog.rank.sender import Sender, SenderSettings, curve_keys
-from ranklog.wire import GOODBYE
 
 _live_handlers: weakref.WeakSet[ZMQSocketHandler] = weakref.WeakSet()
 
@@ -63,55 +58,44 @@ class ZMQSocketHandler(logging.Handler):
         curve_key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(level)
-        self.identity: RankIdentity = detect_identity(
+        identity = detect_identity(
             rank=rank, local_rank=local_rank, world_size=world_size, run_id=run_id
         )
-        self.endpoint = endpoint or derived_endpoint(self.identity)
-        self.close_timeout = close_timeout
-        self.settings = settings or SenderSettings()
-        self._bounds = (max_records, max_bytes)
-        self.curve = curve_keys(curve_server_key, curve_key_file)
-        self._start_lock = threading.Lock()
-        self._fresh_state()
+        self._encoder = RecordEncoder(identity)
+        self._sender = Sender(
+            identity,
+            endpoint or derived_endpoint(identity),
+            max_records=max_records,
+            max_bytes=max_bytes,
+            close_timeout=close_timeout,
+            settings=settings,
+            curve=curve_keys(curve_server_key, curve_key_file),
+            converted=self._converted,
+        )
         _live_handlers.add(self)
 
-    def _fresh_state(self) -> None:
-        self.outbox = Outbox(*self._bounds)
-        self._encoder = RecordEncoder(self.identity)
-        self._seq = itertools.count(1)
-        self._sender: Sender | None = None
-        self._closed = False
-        # Once a flush has waited in vain, close() only tries to say goodbye.
-        self.close_budget = self.close_timeout
+    def _converted(self) -> int:
+        return self._encoder.converted
 
     def _after_fork(self) -> None:
-        # The child must not touch the parent's context or thread; the parent still sends
-        # what it buffered. The child is a new incarnation with its own seq space.
-        self.identity = RankIdentity(
+        # The child is a new incarnation with its own seq space, encoder and sender.
+        identity = RankIdentity(
             **{**vars(self.identity), "pid": os.getpid(), "incarnation": new_incarnation()}
         )
-        if self._sender is not None:
-            self._sender.forget_wake_pipe()
-        self._start_lock = threading.Lock()
-        self._fresh_state()
+        self._encoder = RecordEncoder(identity)
+        self._sender = self._sender.for_child(identity)
         self.createLock()
-
-    def _ensure_sender(self) -> Sender:
-        with self._start_lock:
-            if self._sender is None:
-                self._sender = Sender(self)
-                self._sender.start()
-            return self._sender
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             sender = self._sender
-            if sender is None:
-                if self._closed:
+            if not sender.running:
+                if sender.closed:
                     return
-                sender = self._ensure_sender()
-            seq = next(self._seq)
-            self.outbox.put(seq, self._encoder.record(seq, record))
+                sender.start()
+            seq = sender.next_seq()
+            # Sender.put, unrolled: one Python call less (some 60 ns) on the caller's thread.
+            sender.outbox.put(seq, self._encoder.record(seq, record))
             if sender.asleep:
                 sender.wake()
         except Exception:
@@ -119,57 +103,47 @@ class ZMQSocketHandler(logging.Handler):
 
     def start(self) -> None:
         """Connect and say hello now rather than at the first record."""
-        if not self._closed:
-            self._ensure_sender()
+        self._sender.start()
+
+    def flush(self) -> None:
+        """Wait (up to ``close_timeout``) until everything emitted is acknowledged."""
+        self._sender.flush()
+
+    def close(self) -> None:
+        """Flush, say goodbye, stop the sender, and warn about anything not delivered."""
+        self._sender.close()
+        super().close()
 
     @property
     def stats(self) -> dict[str, int]:
         """Counters a user can check: held (not yet acknowledged), dropped, converted."""
-        return {
-            "held": self.outbox.pending(),
-            "dropped": self.outbox.dropped,
-            "converted": self._encoder.converted,
-        }
+        return self._sender.stats
 
-    def flush(self) -> None:
-        """Wait (up to ``close_timeout``) until everything emitted is acknowledged."""
-        sender = self._sender
-        deadline = time.monotonic() + self.close_timeout
-        while sender is not None and sender.is_alive() and self.outbox.pending():
-            if time.monotonic() > deadline:
-                self.close_budget = min(self.close_timeout, 0.5)
-                return
-            time.sleep(0.005)
+    # The sender's, for code written against the handler.
+    @property
+    def identity(self) -> RankIdentity:
+        return self._sender.identity
 
-    def close(self) -> None:
-        """Flush, say goodbye, stop the sender, and warn about anything not delivered."""
-        sender = self._sender
-        if sender is not None and not self._closed:
-            self._closed = True
-            seq = next(self._seq)
-            goodbye = self._encoder.control(
-                GOODBYE,
-                seq=seq,
-                base=self.outbox.base(),
-                dropped=self.outbox.dropped,
-                converted=self._encoder.converted,
-            )
-            self.outbox.put(seq, goodbye)
-            sender.closing.set()
-            sender.wake()
-            sender.join(self.close_budget + 2.0)
-            self._report_losses()
-        self._closed = True
-        super().close()
+    @property
+    def endpoint(self) -> str:
+        return self._sender.endpoint
 
-    def _report_losses(self) -> None:
-        undelivered = self.outbox.pending()
-        dropped = self.outbox.dropped
-        if undelivered or dropped:
-            warnings.warn(
-                f"ranklog: rank {self.identity.rank} could not deliver {undelivered} "
-                f"message(s) to {self.endpoint} within {self.close_timeout:g}s, and dropped "
-                f"{dropped} record(s) because its buffer was full; is the collector running?",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    @property
+    def outbox(self) -> Outbox:
+        return self._sender.outbox
+
+    @property
+    def settings(self) -> SenderSettings:
+        return self._sender.settings
+
+    @property
+    def close_timeout(self) -> float:
+        return self._sender.close_timeout
+
+    @close_timeout.setter
+    def close_timeout(self, seconds: float) -> None:
+        self._sender.close_timeout = seconds
+
+    @property
+    def close_budget(self) -> float:
+        return self._sender.close_budget
