@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ranklog.collector import ownership
 from ranklog.collector.events import StatusLine
 from ranklog.collector.liveness import Liveness
 from ranklog.collector.receive import receive
@@ -31,7 +32,22 @@ def serve(
 ) -> int:
     """Listen, serve until ``stop`` is set (or, with ``exit_when_done``, every rank is
     done), drain the backends, and return the exit code: 0 if every backend drained."""
-    store = Store(settings.backends)
+    output_dir = settings.backends.output_path
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resumed = ownership.claim(output_dir)
+    try:
+        store = Store(settings.backends)
+    except BaseException:
+        ownership.release(output_dir)
+        raise
+    if resumed:
+        job = store.ranks.resume_latest_job()
+        _log.warning(
+            "the last collector on %s did not stop cleanly; continuing its job %s (the "
+            "goodbyes its ranks said count)",
+            output_dir,
+            job,
+        )
     try:
         with Router(settings) as router:
             watch = Watch(store, settings, time.monotonic())
@@ -50,6 +66,7 @@ def serve(
     finally:
         # Also when listening failed: the backends' process must not outlive the loop.
         clean = store.close()
+        ownership.release(output_dir)
     return 0 if clean else 1
 
 
@@ -67,7 +84,8 @@ def _serve(
         now,
         settings.connect_timeout if settings.exit_when_done else None,
     )
-    status.waiting_for = liveness.waiting_for
+    if settings.exit_when_done:
+        status.waiting_for = liveness.waiting_for
     status.stragglers = watch.progress.stragglers
     last_message_at = 0.0
     while not stop.is_set():

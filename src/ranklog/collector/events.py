@@ -68,13 +68,14 @@ class StatusLine:
             log_status(self.stats, self.ranks, rate, notes)
 
 
-def log_status(stats: CollectorStats, ranks: RankTable, rate: float, waiting: str = "") -> None:
+def log_status(stats: CollectorStats, ranks: RankTable, rate: float, notes: str = "") -> None:
+    # The rejection counts stay last on the line: scripts (and tests) read them from there.
     _log.info(
-        "%.0f records/s; %d accepted, %d duplicates dropped; %s; rejected %s%s",
+        "%.0f records/s; %d accepted, %d duplicates dropped; %s; %srejected %s",
         rate,
         stats.accepted,
         stats.duplicates,
         ranks.status(),
+        f"{notes}; " if notes else "",
         dict(stats.rejected.counts) or 0,
-        f"; {waiting}" if waiting else "",
     )

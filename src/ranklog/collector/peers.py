@@ -135,6 +135,17 @@ class RankTable:
             table.add((run, rank, inc), peer)
         return table
 
+    def resume_latest_job(self) -> str | None:
+        """A killed collector's job goes on in this run: its incarnations (the job heard
+        last) count as heard here, goodbyes included. Returns that job's run id."""
+        if not self._peers:
+            return None
+        latest = next(reversed(self._peers.values())).run
+        for peer in self._peers.values():
+            if peer.run == latest:
+                peer.live = True
+        return latest
+
     def newly_silent(self, now: float, timeout: float) -> list[Peer]:
         """Peers unheard for ``timeout`` seconds that were not yet reported; marks them."""
         found = []
