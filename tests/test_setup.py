@@ -24,6 +24,7 @@ from ranklog.names import BACKEND_OPTIONS
 from ranklog.rank.embedded import EmbeddedCollector
 from ranklog.rank.setup import _plan
 from tests.conftest import read_jsonl
+from tests.ranks import start_rank
 from tests.test_delivery import tensorboard_loss_steps
 from tests.wandb_reader import offline_runs, read_run
 
@@ -214,3 +215,70 @@ class TestInstructLabToday:
         assert sorted(tensorboard_loss_steps(run_dir)) == list(range(20))
         (run,) = [read_run(path) for path in offline_runs(out)]
         assert run.project == "p" and len(run.history) == 20 and run.config["lr"] == 0.1
+
+
+def _free_port_pair() -> int:
+    """A port P with P+1 free too (the multi-node default listens on MASTER_PORT + 1)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no free port pair")
+
+
+class TestMultiNodeDefault:
+    """Two torchrun agents as two nodes: the embedded collector listens on MASTER_PORT + 1,
+    authenticated with the job's CURVE keys (shared through torch.distributed)."""
+
+    def test_a_peer_without_the_key_lands_nothing(self, tmp_path: Path) -> None:
+        out, port = tmp_path / "out", _free_port_pair()
+        spec = {"args": ["async"], "kwargs": {"output_dir": str(out)}, "steps": 60,
+                "step_delay": 0.05}  # fmt: skip
+        nodes = [
+            subprocess.Popen(
+                [
+                    str(TORCHRUN),
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--node-rank",
+                    str(node),
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    str(port),
+                    "tests/setup_job.py",
+                    json.dumps(spec),
+                ],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for node in (0, 1)
+        ]
+        log = out / "ranklog-collector.log"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "listening on" in log.read_text()):
+            assert time.monotonic() < deadline, "the embedded collector never listened"
+            time.sleep(0.1)
+        assert f"listening on tcp://127.0.0.1:{port + 1}" in log.read_text()
+        intruder = start_rank(f"tcp://127.0.0.1:{port + 1}", 5, 6, 50, "--close-timeout", "2")
+        intruder.communicate(timeout=60)
+        for node in nodes:
+            _, err = node.communicate(timeout=120)
+            assert node.returncode == 0, err[-3000:]
+        for rank in (0, 1):
+            rows = read_jsonl(out / f"training_params_and_metrics_global{rank}.jsonl")
+            assert [r["step"] for r in rows if "step" in r] == list(range(60))
+        assert not (out / "training_params_and_metrics_global5.jsonl").exists()
+        assert "rank 5 joined" not in log.read_text()

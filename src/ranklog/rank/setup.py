@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from ranklog.names import (
     parse_logger_types,
     parse_policy_spec,
 )
+from ranklog.rank import job_keys
 from ranklog.rank.embedded import EmbeddedCollector
 from ranklog.rank.handler import ZMQSocketHandler
 from ranklog.rank.identity import derived_endpoint, detect_identity
@@ -120,12 +122,30 @@ def setup_metric_logger(
     target = explicit or derived_endpoint(identity)
     if explicit and identity.rank == 0:
         _warn_unused(explicit, loggers, run_name, output_dir, options, policy)
+    collector_args = plan.collector_args()
+    key_file: Path | None = None
+    if not explicit and target.startswith("tcp://"):
+        # Across nodes the collector listens on the network: only this job's ranks, which
+        # hold its key, may connect (job_keys.py).
+        folder = job_keys.key_folder(plan.output_dir, identity.run_id)
+        keys = job_keys.share(identity, folder)
+        collector_args += job_keys.collector_flags(folder)
+        key_file = keys.client_key_file()
+        handler_kwargs = {
+            **handler_kwargs,
+            "curve_server_key": keys.server_public,
+            "curve_key_file": key_file,
+        }
     if not explicit and identity.rank == 0:
         global _embedded_collector
         _embedded_collector = EmbeddedCollector(
-            target, plan.output_dir, identity.world_size, plan.collector_args()
+            target, plan.output_dir, identity.world_size, collector_args
         ).start()
-    return _attach(target, logger_name, level, handler_kwargs)
+    try:
+        return _attach(target, logger_name, level, handler_kwargs)
+    finally:
+        if key_file is not None:  # read by the handler; no copy of the secret stays around
+            shutil.rmtree(key_file.parent, ignore_errors=True)
 
 
 @dataclass
