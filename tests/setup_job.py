@@ -2,15 +2,16 @@
 
     torchrun --standalone --nproc-per-node 2 tests/setup_job.py '<json>'
 
-The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``, and
-``steps`` (default 20); each rank then logs ``{"loss": ..., "bad": nan}`` per step, sleeping
-``step_delay`` seconds (default 0) after each.
+The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``, ``env``
+(variables the script itself sets before setup) and ``steps`` (default 20); each rank then
+logs ``{"loss": ...}`` per step, sleeping ``step_delay`` seconds (default 0) after each.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -21,6 +22,7 @@ from ranklog import finish_metric_logger, setup_metric_logger
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    os.environ.update(spec.get("env", {}))  # settings a user makes in the training script
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     setup_metric_logger(*spec.get("args", []), **spec.get("kwargs", {}))

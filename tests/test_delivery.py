@@ -190,6 +190,25 @@ class TestLateCollector:
         assert_exactly_once(out, 2, 1000)
 
 
+class TestEarlyCollector:
+    """A standalone --exit-when-done collector waits for ranks still loading their model."""
+
+    def test_collector_started_75_seconds_before_its_ranks(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        out = tmp_path / "out"
+        c = collector("--world-size", "2", "--exit-when-done", "--status-interval", "10",
+                      output_dir=out)  # fmt: skip
+        waited_until = time.monotonic() + 75  # longer than the old 60 s give-up
+        while time.monotonic() < waited_until:
+            assert c.proc.poll() is None, c.log()
+            time.sleep(1)
+        assert "waiting for rank(s) 0, 1 to connect" in c.log()
+        finish(start_ranks(c.endpoint, 2, 500))
+        assert c.wait(timeout=60) == 0, c.log()
+        assert_exactly_once(out, 2, 500)
+
+
 class TestDeadRank:
     """kill -9 of one rank: reported silent, the others complete, the collector still exits."""
 

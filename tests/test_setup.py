@@ -97,13 +97,13 @@ class TestEmbeddedCollector:
 
 
 def torchrun_job(
-    spec: dict[str, object], *, timeout: float = 180
+    spec: dict[str, object], *, timeout: float = 180, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``tests/setup_job.py`` under ``torchrun --standalone --nproc-per-node 2``."""
     return subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "tests/setup_job.py",
          json.dumps(spec)],
-        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        env=env or {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -215,6 +215,19 @@ class TestInstructLabToday:
         assert sorted(tensorboard_loss_steps(run_dir)) == list(range(20))
         (run,) = [read_run(path) for path in offline_runs(out)]
         assert run.project == "p" and len(run.history) == 20 and run.config["lr"] == 0.1
+
+    def test_wandb_settings_made_in_the_script_reach_the_collector(self, tmp_path: Path) -> None:
+        """WANDB_MODE and WANDB_PROJECT set by the training script itself, not torchrun's
+        environment: the embedded collector still runs W&B offline in that project."""
+        out = tmp_path / "out"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        spec = {"args": [str(out)], "env": {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                                            "WANDB_PROJECT": "from-the-script"}}  # fmt: skip
+        proc = torchrun_job(spec, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run,) = [read_run(path) for path in offline_runs(out)]
+        assert run.project == "from-the-script" and len(run.history) == 20
+        assert "API key" not in (out / "ranklog-collector.log").read_text()
 
 
 def _free_port_pair() -> int:
