@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint compose-test bench clean test-tools
+.PHONY: venv demo test lint compose-test bench gpu-check clean test-tools
 
 venv: $(STAMP)
 
@@ -47,6 +47,12 @@ test: lint test-tools
 
 compose-test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/compose -m compose
+
+# The GPU checks, one command: a real-CUDA test (no host sync in emit, values arrive) and the
+# step-time bench. Both skip with the reason where no CUDA device exists.
+gpu-check: venv
+	$(PY) -m pytest -q -rs -p no:cacheprovider tests/test_cuda_values.py -k RealCuda
+	$(PY) bench/gpu_step.py
 
 bench: venv
 	$(PY) bench/emit.py

@@ -17,7 +17,7 @@ collector's JSONL afterwards.
     .venv/bin/python bench/gpu_step.py                    # needs a CUDA device
     .venv/bin/python bench/gpu_step.py --steps 500 --width 4096 --depth 8 --batch 256
 
-Exits with status 2 and says so when no CUDA device exists. Writes
+Skips (exit 0, with the reason on stderr) when no CUDA device exists. Writes
 ``bench/results/gpu_step.json``.
 """
 
@@ -53,13 +53,14 @@ def main() -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
+        # A skip, not a failure: `make gpu-check` runs everywhere and measures where it can.
         print(
-            "bench/gpu_step.py needs a CUDA device, and torch.cuda.is_available() is False here "
-            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). "
+            "bench/gpu_step.py skipped: no CUDA device (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). "
             "Run it on a machine with an NVIDIA GPU and a CUDA build of torch.",
             file=sys.stderr,
         )
-        return 2
+        return 0
     device = torch.device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="ranklog-bench-gpu-"))
     collector = _common.start_collector(workdir / "collector", "--logger-type", "async")

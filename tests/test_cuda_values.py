@@ -252,3 +252,33 @@ class TestRealCuda:
         assert frame is not None
         env = msgpack.unpackb(frame)
         assert env["msg"]["loss"] == pytest.approx(value.item()) and env["step"] == 5
+
+    def test_emit_makes_no_host_sync_and_the_values_arrive(
+        self, collector: Callable[..., CollectorProcess]
+    ) -> None:
+        """Through the handler, with torch's sync debug mode set to raise on any host sync
+        while the training thread logs CUDA scalars (and a CUDA step)."""
+        c = collector()
+        handler = ZMQSocketHandler(c.endpoint, rank=0, world_size=1, close_timeout=30)
+        logger = logging.getLogger("test.cuda.nosync")
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        weights = torch.randn(512, 512, device="cuda")
+        losses = []
+        handler.start()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(20):
+                loss = (weights @ weights).square().mean() / (step + 1)
+                losses.append(loss)
+                logger.info({"loss": loss, "norm": weights.norm()}, extra={"step": step})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        expected = [value.item() for value in losses]
+        handler.close()
+        c.terminate()
+        assert c.wait(30) == 0
+        rows = read_jsonl(c.output_dir / "training_params_and_metrics_global0.jsonl")
+        assert [row["step"] for row in rows] == list(range(20))
+        assert [row["loss"] for row in rows] == pytest.approx(expected, rel=1e-6)
