@@ -1,7 +1,7 @@
 """A benchmark rank process: logs metric records through ``ZMQSocketHandler``.
 
     python bench/_rank.py --endpoint E --world-size 8 --ranks 0 [1 2 ...] --records N
-        [--rate R] [--prefill]
+        [--rate R] [--prefill] [--close-timeout S] [--shutdown]
 
 Each listed rank gets its own handler (its own DEALER socket, sender thread and
 incarnation), as if it were its own process. With ``--wait-go`` the handlers connect first
@@ -62,6 +62,7 @@ def main() -> int:
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--close-timeout", type=float, default=600.0)
     parser.add_argument("--result", help="write the result JSON here instead of stdout")
+    parser.add_argument("--shutdown", action="store_true", help="end with logging.shutdown()")
     parser.add_argument(
         "--wait-go", action="store_true",
         help="connect every handler, print 'ready', and start logging at a line on stdin",
@@ -115,8 +116,13 @@ def main() -> int:
         print("filled", flush=True)
     emitted_s = time.monotonic() - started
     cpu_logged = os.times()
-    for handler in handlers:
-        handler.close()
+    closing = time.monotonic()
+    if args.shutdown:
+        logging.shutdown()  # as at interpreter exit: flush, then close, every handler
+    else:
+        for handler in handlers:
+            handler.close()
+    close_s = time.monotonic() - closing
     times = os.times()
     result = {
         "cpu_seconds": times.user + times.system,
@@ -125,6 +131,7 @@ def main() -> int:
         - cpu_started.user
         - cpu_started.system,
         "emit_seconds": emitted_s,
+        "close_seconds": close_s,
         "ranks": [{"rank": r, **h.stats} for r, h in zip(args.ranks, handlers, strict=True)],
     }
     if args.latency:

@@ -9,6 +9,12 @@ Sections (``--section``, default all):
   the journal after it), and on a fresh directory for comparison.
 * retention: ``--retention-records`` records under ``--journal-retention``: the most
   ``.ranklog/`` held while they flowed, what it holds afterwards, and the journal's size.
+* exit: the exit burst. ``--burst-ranks`` rank processes (default 8) each log
+  ``--burst-records`` records of 16 metrics (default 40,000) as fast as they can, then call
+  ``logging.shutdown()`` with the handler's default close settings while the collector
+  (``--burst-logger-type``, default ``async``) is still behind: records lost and doubled
+  (from the JSONL files), records left spilled, each rank's time in ``logging.shutdown()``
+  (the drain), and how long the collector took to exit after the last rank.
 
 Each section is a function of (arguments, work directory) returning its rows and JSON;
 another section is one more entry in ``SECTIONS``.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -134,7 +141,60 @@ def retention(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return result
 
 
-SECTIONS: dict[str, Section] = {"restart": restart, "retention": retention}
+# -- the exit burst -----------------------------------------------------------------------
+
+
+def _lost_and_doubled(output_dir: Path, ranks: int, records: int) -> tuple[int, int]:
+    lost = doubled = 0
+    for rank in range(ranks):
+        seen: dict[int, int] = {}
+        path = output_dir / f"training_params_and_metrics_global{rank}.jsonl"
+        with contextlib.suppress(FileNotFoundError), open(path) as lines:
+            for line in lines:
+                step = json.loads(line).get("step")
+                seen[step] = seen.get(step, 0) + 1
+        lost += sum(1 for step in range(records) if step not in seen)
+        doubled += sum(count - 1 for count in seen.values() if count > 1)
+    return lost, doubled
+
+
+def exit_burst(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    ranks, records = args.burst_ranks, args.burst_records
+    print(f"exit burst: {ranks} x {records:,} records ...", file=sys.stderr, flush=True)
+    out = workdir / "exit-burst"
+    collector = _common.start_collector(out, "--world-size", str(ranks), "--exit-when-done",
+                                        "--logger-type", args.burst_logger_type)  # fmt: skip
+    results = [out / f"rank{rank}.json" for rank in range(ranks)]
+    procs = [
+        subprocess.Popen([sys.executable, _common.RANK_SCRIPT, "--endpoint", collector.endpoint,
+                          "--world-size", str(ranks), "--ranks", str(rank), "--records",
+                          str(records), "--close-timeout", "5", "--shutdown", "--result",
+                          str(results[rank])], stderr=subprocess.PIPE, text=True)
+        for rank in range(ranks)
+    ]  # fmt: skip
+    warnings = [proc.communicate(timeout=3600)[1] for proc in procs]
+    last_rank = time.monotonic()
+    exit_code = collector.proc.wait(600)
+    collector_after = time.monotonic() - last_rank
+    closes = [json.loads(path.read_text())["close_seconds"] for path in results]
+    lost, doubled = _lost_and_doubled(out, ranks, records)
+    spilled = len(list((out / ".ranklog" / "spill").glob("*.spill")))
+    result = {"ranks": ranks, "records": ranks * records, "logger_type": args.burst_logger_type,
+              "lost": lost, "doubled": doubled, "spill_files_left": spilled,
+              "drain_s_max": max(closes), "drain_s_median": sorted(closes)[len(closes) // 2],
+              "collector_exit_after_last_rank_s": collector_after, "exit": exit_code,
+              "rank_warnings": sum("RuntimeWarning" in w for w in warnings)}  # fmt: skip
+    _common.print_table(
+        f"Exit burst: {ranks} ranks x {records:,} records, then logging.shutdown()",
+        ["records", "lost", "doubled", "spill files", "drain s (max)", "drain s (median)",
+         "collector exit after last rank s", "exit"],
+        [[result["records"], lost, doubled, spilled, result["drain_s_max"],
+          result["drain_s_median"], collector_after, exit_code]],
+    )  # fmt: skip
+    return result
+
+
+SECTIONS: dict[str, Section] = {"restart": restart, "retention": retention, "exit": exit_burst}
 
 
 def main() -> int:
@@ -145,6 +205,9 @@ def main() -> int:
     )
     parser.add_argument("--retention", default="8MiB", help="--journal-retention to measure")
     parser.add_argument("--retention-records", type=int, default=200_000)
+    parser.add_argument("--burst-ranks", type=int, default=8)
+    parser.add_argument("--burst-records", type=int, default=40_000, help="per rank")
+    parser.add_argument("--burst-logger-type", default="async")
     parser.add_argument("--keep", action="store_true", help="keep the output directories")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ranklog-bench-lifecycle-"))

@@ -97,6 +97,14 @@ def collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]:
 
 
 @pytest.fixture(autouse=True)
+def local_spill_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Ranks that cannot deliver spill into the test's folder, not the user's
+    ``~/.local/state`` (subprocesses inherit it)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "ranklog" / "spill"
+
+
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     """Tests attach handlers to loggers; put every logger back as it was."""
     root = logging.getLogger()

@@ -2,7 +2,10 @@
 
     python -m tests.rank_worker --endpoint tcp://127.0.0.1:5555 --rank 0 --world-size 4 \
         --records 3000 [--rate 1000] [--tag t] [--close-timeout 30] [--metrics 16] [--run-id test]
-        [--special-values] [--step-delay 0.1] [--sleep-at 50:15]
+        [--special-values] [--step-delay 0.1] [--sleep-at 50:15] [--shutdown] [--say-steps]
+        [--close-limit 300] [--silence-warning 15] [--system-interval 0.5] [--spill-dir D]
+
+Without ``--endpoint`` the handler takes ``RANKLOG_ENDPOINT`` (or the derived address).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import sys
 import time
 
 from ranklog import IsMappingFilter, ZMQSocketHandler
+from ranklog.rank.sender import SenderSettings
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--endpoint", default=None)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--records", type=int, default=1000)
@@ -37,6 +41,16 @@ def main() -> int:
     parser.add_argument(
         "--sleep-at", default=None, metavar="STEP:SECONDS", help="sleep once, after that step"
     )
+    parser.add_argument("--close-limit", type=float, default=300.0)
+    parser.add_argument("--silence-warning", type=float, default=15.0)
+    parser.add_argument(
+        "--system-interval", type=float, default=None, help="sample system metrics this often"
+    )
+    parser.add_argument("--spill-dir", default=None)
+    parser.add_argument(
+        "--shutdown", action="store_true", help="end with logging.shutdown(), as at exit"
+    )
+    parser.add_argument("--say-steps", action="store_true", help="'logged step N' on stderr")
     args = parser.parse_args()
     sleep_step, sleep_for = map(float, args.sleep_at.split(":")) if args.sleep_at else (-1, 0)
 
@@ -45,7 +59,12 @@ def main() -> int:
         rank=args.rank,
         world_size=args.world_size,
         close_timeout=args.close_timeout,
+        close_limit=args.close_limit,
         run_id=args.run_id,
+        settings=SenderSettings(silence_warning=args.silence_warning),
+        spill_dir=args.spill_dir,
+        system_metrics=args.system_interval is not None,
+        system_interval=args.system_interval,
     )
     handler.addFilter(IsMappingFilter())
     logger = logging.getLogger("instructlab.training.metrics")
@@ -63,9 +82,12 @@ def main() -> int:
                 "train": {"tokens": step * 10},
                 "tag": args.tag,
                 **special,
+                **{f"m{index}": step + index / 100 for index in range(args.metrics)},
             },
             extra={"step": step},
         )
+        if args.say_steps:
+            print(f"logged step {step}", file=sys.stderr, flush=True)
         if args.step_delay:
             time.sleep(args.step_delay)
         if step == sleep_step:
@@ -74,8 +96,13 @@ def main() -> int:
             delay = started + (i + 1) / args.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-    handler.close()
-    print(json.dumps({"rank": args.rank, **handler.stats}), flush=True)
+    closing = time.monotonic()
+    if args.shutdown:
+        logging.shutdown()
+    else:
+        handler.close()
+    close_s = round(time.monotonic() - closing, 3)
+    print(json.dumps({"rank": args.rank, **handler.stats, "close_s": close_s}), flush=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import msgpack
 import numpy as np
@@ -92,6 +93,36 @@ def _valid() -> dict[str, object]:
     enc = RecordEncoder(detect_identity(rank=0, world_size=1, run_id="r"))
     env: dict[str, object] = msgpack.unpackb(enc.record(1, _record({"loss": 1.0}, step=1)))
     return env
+
+
+class TestConversionWarnings:
+    """The first value sent as its repr, and the first step dropped, are warned about once,
+    by key; the rest only counted."""
+
+    def test_first_repr_names_the_key(self, encoder: RecordEncoder) -> None:
+        with pytest.warns(RuntimeWarning, match="'train/odd'"):
+            encoder.record(1, _record({"train": {"odd": object()}}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            encoder.record(2, _record({"other": object()}))
+        assert encoder.converted == 2
+
+    def test_first_dropped_step(self, encoder: RecordEncoder) -> None:
+        with pytest.warns(RuntimeWarning, match="step 1.5 is not an integer"):
+            frame = encoder.record(1, _record({"loss": 1.0}, step=1.5))
+        assert msgpack.unpackb(frame)["step"] is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            encoder.record(2, _record({"loss": 1.0}, step="x"))
+        assert encoder.converted == 2
+
+    def test_optional_fields_of_newer_ranks_and_collectors(self, encoder: RecordEncoder) -> None:
+        bye = decode(encoder.control(GOODBYE, seq=3, base=1, dropped=0, converted=0, resent=4,
+                                     spilled=2))  # fmt: skip
+        assert (bye["resent"], bye["spilled"]) == (4, 2)
+        assert msgpack.unpackb(pack_ack("job", 3, "i", 5, 9))["got"] == 9
+        with pytest.raises(ProtocolError, match="spilled"):
+            decode(encoder.control(GOODBYE, seq=3, base=1, dropped=0, converted=0, spilled=-1))
 
 
 class TestRejections:

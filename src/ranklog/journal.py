@@ -29,6 +29,8 @@ from ranklog.wire import MAX_FRAME_BYTES
 
 STATE_DIR = ".ranklog"
 JOURNAL_DIR = "journal"
+SPILL_DIR = "spill"  # in STATE_DIR: what ranks could not deliver at exit (``*.spill`` files)
+SPILL_SUFFIX = ".spill"
 LEGACY_NAME = "journal.bin"  # the single-file journal of earlier versions: the first segment
 SEGMENT_BYTES = 64 << 20  # a segment is closed once it holds this much
 DEFAULT_RETENTION = 1 << 30  # ``--journal-retention``'s default: 1 GiB
@@ -45,6 +47,24 @@ Entry = tuple[int, int, bytes]  # (start, end, frame)
 def journal_path(output_dir: str | os.PathLike[str]) -> Path:
     """The journal's directory in ``output_dir``."""
     return Path(output_dir) / STATE_DIR / JOURNAL_DIR
+
+
+def spill_path(output_dir: str | os.PathLike[str]) -> Path:
+    """The folder in ``output_dir`` where ranks spill what they could not deliver."""
+    return Path(output_dir) / STATE_DIR / SPILL_DIR
+
+
+def pack_entry(frame: bytes) -> bytes:
+    """One entry: ``<length:u32><crc32:u32><frame>`` (the journal's and a spill file's)."""
+    return _HEADER.pack(len(frame), zlib.crc32(frame)) + frame
+
+
+def read_file(path: Path, damage: DamageReport | None = None) -> Iterator[bytes]:
+    """The frame of each intact entry of one standalone file of entries (a spill file): a
+    torn tail is cut, damaged entries are skipped and reported."""
+    report = damage if damage is not None else DamageReport("spill")
+    for _, _, frame in _segment_entries(Segment(0, path), 0, None, last=True, damage=report):
+        yield frame
 
 
 @dataclass(frozen=True)
@@ -264,7 +284,7 @@ class Journal:
         new = Segment(self.durable_end, segment_path(self.path, self.durable_end))
         opened = open(new.path, "ab", buffering=1 << 20)  # noqa: SIM115 - becomes self._file
         try:
-            _fsync_directory(self.path)
+            fsync_directory(self.path)
         except OSError:
             opened.close()
             new.path.unlink(missing_ok=True)
@@ -288,11 +308,11 @@ def _adopt_legacy(directory: Path) -> None:
     legacy = directory.parent / LEGACY_NAME
     if legacy.exists() and not segments(directory):
         os.replace(legacy, segment_path(directory, 0))
-        _fsync_directory(directory)
+        fsync_directory(directory)
         _log.info("journal %s moved to %s (segments)", legacy, segment_path(directory, 0))
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -309,7 +329,7 @@ def write_durably(path: Path, data: bytes) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 # -- the de-duplication snapshot, and retention ------------------------------------------

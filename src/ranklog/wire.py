@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, TypedDict
 
 import msgpack
 
@@ -34,10 +34,18 @@ class Rule(NamedTuple):
     ``_MISSING`` when the key is absent) for the fast path in :func:`decode`; it may be
     stricter than ``check`` (a value it refuses goes to ``check``, which decides) but never
     more lenient.
+
+    ``typed`` is the rule as a msgspec type (given the ``msgspec`` module, which the rank side
+    never imports) for the collector's typed fast path (:func:`decode`, and the backends'
+    :func:`decode_journaled_record`); like ``inline`` it may be stricter than ``check``,
+    never more lenient. ``rest``: what the type cannot say (which keys are reserved),
+    checked on a value the type took.
     """
 
     check: Callable[[Any], bool]
     inline: str
+    typed: Callable[[Any], Any] | None = None
+    rest: Callable[[Any], bool] | None = None
 
 
 class Field(NamedTuple):
@@ -53,7 +61,17 @@ _MISSING: Any = object()
 
 def _int(minimum: int) -> Rule:
     return Rule(
-        lambda v: type(v) is int and v >= minimum, f"type({{v}}) is int and {{v}} >= {minimum}"
+        lambda v: type(v) is int and v >= minimum,
+        f"type({{v}}) is int and {{v}} >= {minimum}",
+        lambda ms: Annotated[int, ms.Meta(ge=minimum)],
+    )
+
+
+def _optional_int(minimum: int) -> Rule:
+    """An int >= ``minimum``, or absent: a field v1 ranks or collectors may leave out."""
+    return Rule(
+        lambda v: v is _MISSING or (type(v) is int and v >= minimum),
+        f"({{v}} is _MISSING or (type({{v}}) is int and {{v}} >= {minimum}))",
     )
 
 
@@ -66,16 +84,31 @@ def _is_extra(value: Any) -> bool:
 _NAME = Rule(
     lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS,
     "type({v}) is str and 0 < len({v}) <= MAX_NAME_CHARS",
+    lambda ms: Annotated[str, ms.Meta(min_length=1, max_length=MAX_NAME_CHARS)],
 )
-_NUMBER = Rule(lambda v: isinstance(v, int | float), "type({v}) is float")
-_FLAG = Rule(lambda v: isinstance(v, bool), "type({v}) is bool")
+# The typed fast path takes the values ranks send (numbers, text, flags, nil; lists and maps
+# of them one level deep); anything else (bytes, deeper nesting) goes the untyped way.
+_SCALAR = bool | int | float | str | None
+_VALUE = _SCALAR | list[_SCALAR] | dict[str, _SCALAR]
+_NUMBER = Rule(lambda v: isinstance(v, int | float), "type({v}) is float", lambda ms: int | float)
+_FLAG = Rule(lambda v: isinstance(v, bool), "type({v}) is bool", lambda ms: bool)
 # Present even when nil: a missing key reads as ``_MISSING``, which neither form accepts.
-_INT_OR_NIL = Rule(lambda v: v is None or type(v) is int, "({v} is None or type({v}) is int)")
-_MAP_OR_TEXT = Rule(lambda v: isinstance(v, dict | str), "(type({v}) is dict or type({v}) is str)")
+_INT_OR_NIL = Rule(
+    lambda v: v is None or type(v) is int,
+    "({v} is None or type({v}) is int)",
+    lambda ms: int | None,
+)
+_MAP_OR_TEXT = Rule(
+    lambda v: isinstance(v, dict | str),
+    "(type({v}) is dict or type({v}) is str)",
+    lambda ms: dict[str, _VALUE] | str,
+)
 _EXTRA = Rule(
     _is_extra,
     "type({v}) is dict and (not {v} or (RESERVED_EXTRA_KEYS.isdisjoint({v})"
     " and all(type(k) is str for k in {v})))",
+    lambda ms: dict[str, _VALUE],
+    rest=RESERVED_EXTRA_KEYS.isdisjoint,
 )
 
 _FROM_RANK = frozenset({RECORD, HELLO, HEARTBEAT, GOODBYE})
@@ -97,6 +130,13 @@ ENVELOPE: tuple[Field, ...] = (
     Field("base", _COUNTERS, _int(0)),
     Field("dropped", _COUNTERS, _int(0)),
     Field("converted", _COUNTERS, _int(0)),
+    # Optional: records the rank sent again (a resend after a reconnect or a lost batch).
+    Field("resent", _COUNTERS, _optional_int(0)),
+    # Optional: records the rank left in its spill file at exit (its goodbye ends it anyway).
+    Field("spilled", frozenset({GOODBYE}), _optional_int(0)),
+    # Optional: the highest seq the collector received but could not accept (its journal
+    # could not be written): the rank sends everything after ``seq`` again.
+    Field("got", frozenset({ACK}), _optional_int(0)),
     Field("seq", frozenset({RECORD, GOODBYE}), _int(1)),
     Field("time", _RECORD, _NUMBER),
     Field("logger", _RECORD, _NAME),
@@ -118,18 +158,15 @@ _CHECKS = {
 }
 
 
-def pack_ack(run: str, rank: int, incarnation: str, seq: int) -> bytes:
-    """The collector's acknowledgement: every seq up to ``seq`` is safe."""
-    packed: bytes = msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "kind": ACK,
-            "run": run,
-            "rank": rank,
-            "inc": incarnation,
-            "seq": seq,
-        }
-    )
+def pack_ack(run: str, rank: int, incarnation: str, seq: int, got: int | None = None) -> bytes:
+    """The collector's acknowledgement: every seq up to ``seq`` is safe; ``got`` (when
+    given): seqs up to it arrived but were not kept, so the rank should send them again."""
+    ack: dict[str, Any] = {
+        "v": PROTOCOL_VERSION, "kind": ACK, "run": run, "rank": rank, "inc": incarnation, "seq": seq
+    }  # fmt: skip
+    if got is not None:
+        ack["got"] = got
+    packed: bytes = msgpack.packb(ack)
     return packed
 
 
@@ -143,6 +180,9 @@ def decode(frame: bytes) -> dict[str, Any]:
         raise ProtocolError("empty-frame", "expected a msgpack map, got 0 bytes")
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("too-large", f"{len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    typed = (_TYPED or _typed_records()).envelope(frame)
+    if typed is not None:
+        return typed
     try:
         envelope = msgpack.unpackb(
             frame,
@@ -173,6 +213,98 @@ def decode_journaled(frame: bytes) -> dict[str, Any]:
     journal's checksum guards the bytes since), so it is not validated again."""
     envelope: dict[str, Any] = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     return envelope
+
+
+def decode_journaled_record(frame: bytes) -> Any:
+    """A journaled record as a typed struct (attributes named as the envelope's keys), or
+    None: not a record, not the shape the typed path takes, or no msgspec (then use
+    :func:`decode_journaled`). Its class's ``flat`` is True when ``msg`` is a dict of
+    str keys and plain values (numbers, text, flags, nil), as ranks usually send."""
+    return _typed_records().journaled(frame)
+
+
+def journaled_record_decoder() -> Callable[[bytes], Any]:
+    """:func:`decode_journaled_record` itself, for a loop over many entries."""
+    return _typed_records().journaled
+
+
+class _TypedRecords:
+    """msgspec decoders generated from ``ENVELOPE``: a record envelope as ranks send it,
+    decoded and checked in C. Whatever they refuse goes the untyped way, which decides."""
+
+    def __init__(self) -> None:
+        self.general: Any = None
+        self.checked: Any = None
+        self.header: tuple[bytes, ...] = ()
+        self.flat: Any = None
+        self.rest: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
+        fields = [f for f in ENVELOPE if RECORD in f.kinds]
+        try:
+            import msgspec
+        except ImportError:  # the collector extra is not installed: the untyped way only
+            return
+        if any(f.rule.typed is None for f in fields):
+            return  # a field without a type: the fast path would be more lenient
+        spec = [("v", Literal[1]), ("kind", Literal["record"])]
+        spec += [(f.name, f.rule.typed(msgspec)) for f in fields]  # type: ignore[misc]
+        # For decode: a plain dict, checked in C. A TypedDict skips unknown keys, so the
+        # map must have exactly these (the untyped way keeps unknown ones: it decides).
+        checked = TypedDict("RecordEnvelope", dict(spec))  # type: ignore[misc]  # noqa: UP013
+        self.checked = msgspec.msgpack.Decoder(checked)
+        self.header = _map_headers(len(spec))
+        # gc=False: nothing in an envelope refers back to it (its dicts are still tracked).
+        options: dict[str, Any] = {"forbid_unknown_fields": True, "gc": False}
+        general = msgspec.defstruct("RecordEnvelope", spec, namespace={"flat": False}, **options)
+        flat = msgspec.defstruct(
+            "FlatRecordEnvelope",
+            [("msg", dict[str, _SCALAR])],
+            bases=(general,),
+            namespace={"flat": True},
+            **options,
+        )
+        self.general, self.flat = msgspec.msgpack.Decoder(general), msgspec.msgpack.Decoder(flat)
+        self.rest = tuple((f.name, f.rule.rest) for f in fields if f.rule.rest is not None)
+
+    def envelope(self, frame: bytes) -> dict[str, Any] | None:
+        """The envelope :func:`decode`'s untyped way would return, or None: let it decide."""
+        if self.checked is None or not frame.startswith(self.header):
+            return None
+        try:
+            envelope: dict[str, Any] = self.checked.decode(frame)
+        except Exception:  # msgspec's DecodeError or ValidationError: not the plain shape
+            return None
+        for name, rest in self.rest:
+            if not rest(envelope[name]):
+                return None
+        return envelope
+
+    def journaled(self, frame: bytes) -> Any:
+        if self.general is None:
+            return None
+        try:
+            return self.flat.decode(frame)
+        except Exception:
+            pass
+        try:
+            return self.general.decode(frame)
+        except Exception:
+            return None
+
+
+def _map_headers(count: int) -> tuple[bytes, ...]:
+    """Every msgpack map header that says ``count`` entries."""
+    heads = [b"\xde" + count.to_bytes(2, "big"), b"\xdf" + count.to_bytes(4, "big")]
+    return (bytes([0x80 | count]), *heads) if count < 16 else tuple(heads)
+
+
+_TYPED: _TypedRecords | None = None
+
+
+def _typed_records() -> _TypedRecords:
+    global _TYPED
+    if _TYPED is None:
+        _TYPED = _TypedRecords()
+    return _TYPED
 
 
 def _compile_fast_record_check() -> Callable[[dict[Any, Any]], bool]:

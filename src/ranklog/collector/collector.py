@@ -15,12 +15,14 @@ from ranklog.collector.liveness import Liveness
 from ranklog.collector.receive import receive
 from ranklog.collector.router import Router
 from ranklog.collector.settings import DEFAULT_BIND, BackendSettings, ServeSettings
+from ranklog.collector.spills import ingest_spills
 from ranklog.collector.status import Watch
 from ranklog.collector.store import Store
 from ranklog.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 _POLL_MS = 100
+_SPILL_SCAN = 2.0  # seconds between looks for spill files that appeared while serving
 
 __all__ = ["DEFAULT_BIND", "Collector", "replay", "serve"]
 
@@ -49,6 +51,7 @@ def serve(
             job,
         )
     try:
+        ingest_spills(store, time.monotonic())  # before listening: what ranks left last time
         with Router(settings) as router:
             watch = Watch(store, settings, time.monotonic())
             try:
@@ -61,6 +64,7 @@ def serve(
                 if on_listening is not None:
                     on_listening(router.endpoint)
                 _serve(router, store, settings, stop, watch)
+                ingest_spills(store, time.monotonic())  # what the last ranks left
             finally:
                 watch.close()
     finally:
@@ -88,6 +92,7 @@ def _serve(
         status.waiting_for = liveness.waiting_for
     status.stragglers = watch.progress.stragglers
     last_message_at = 0.0
+    scan_at = now + _SPILL_SCAN
     while not stop.is_set():
         messages = router.receive(_POLL_MS)
         if messages:
@@ -99,6 +104,9 @@ def _serve(
         # not take then goes out on a later pass).
         store.advance()
         now = time.monotonic()
+        if now >= scan_at:
+            scan_at = now + _SPILL_SCAN
+            ingest_spills(store, now)
         store.events.write(liveness.newly_silent(now))
         store.events.write(watch.tick(now))
         status.tick(now)
@@ -109,9 +117,15 @@ def _serve(
 
 def replay(settings: BackendSettings, *, from_start: bool = False) -> int:
     """Bring the backends up to date from the journal without listening: backfill a
-    backend added later, or one that failed. ``from_start`` rebuilds them from the
+    backend added later, or one that failed; ingest what ranks spilled first (unless a
+    collector serves the dir: it does that itself). ``from_start`` rebuilds them from the
     journal's first entry. Returns 0 if every backend drained."""
-    return 0 if Store(settings, from_start=from_start).close() else 1
+    store = Store(settings, from_start=from_start)
+    if ownership.live_owner(settings.output_path):
+        _log.info("a collector serves %s; it ingests spilled records itself", settings.output_dir)
+    else:
+        ingest_spills(store, time.monotonic())
+    return 0 if store.close() else 1
 
 
 class Collector:

@@ -39,6 +39,12 @@ def claim(output_dir: Path) -> bool:
     return previous is not None
 
 
+def live_owner(output_dir: Path) -> bool:
+    """A collector (on this host) is serving ``output_dir`` now."""
+    previous = _read(output_dir / STATE_DIR / MARKER)
+    return previous is not None and _alive(previous)
+
+
 def release(output_dir: Path) -> None:
     """This collector stopped cleanly: the next one serves a new job."""
     path = output_dir / STATE_DIR / MARKER

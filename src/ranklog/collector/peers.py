@@ -28,6 +28,9 @@ class SeqTracker:
 
     def accept(self, seq: int) -> bool:
         """Record ``seq``; False if it was accepted before (a retransmit)."""
+        if seq == self.contiguous + 1 and not self._above:  # in order: the usual case
+            self.contiguous = seq
+            return True
         if seq <= self.contiguous or seq in self._above:
             return False
         self._above.add(seq)
@@ -75,6 +78,7 @@ class Peer:
     dropped: int = 0
     converted: int = 0
     resent: int = 0  # records the rank sent again (its heartbeats' ``resent``), if it says
+    spilled: int = 0  # records its goodbye says it left in a spill file (ingested later)
     last_step: int | None = None
     silent: bool = False
     run: str = ""  # the job: set by RankTable.add from the key
@@ -85,8 +89,11 @@ class Peer:
 
     @property
     def finished(self) -> bool:
-        """Said goodbye, and everything before the goodbye arrived."""
-        return self.goodbye_seq is not None and self.tracker.contiguous >= self.goodbye_seq
+        """Said goodbye, and everything before the goodbye arrived or was spilled (the
+        spilled seqs stay unaccepted: the spill file brings them later, once)."""
+        if self.goodbye_seq is None:
+            return False
+        return self.spilled > 0 or self.tracker.contiguous >= self.goodbye_seq
 
 
 class RankTable:
@@ -206,5 +213,6 @@ class RankTable:
             f"ranks {len(latest)} ({sum(p.finished for p in latest.values())} finished, "
             f"{sum(p.silent for p in latest.values())} silent); last steps {shown}, "
             f"lag behind step {lead}: {lagging or 'none'}; "
-            f"rank-side drops {sum(p.dropped for p in self._peers.values())}"
+            f"rank-side drops {sum(p.dropped for p in self._peers.values())}, "
+            f"resends {sum(p.resent for p in self._peers.values())}"
         )

@@ -47,7 +47,13 @@ class Received:
     accepted: list[tuple[Peer, dict[str, Any], bytes]] = field(default_factory=list)
     routes: dict[tuple[bytes, PeerKey], Peer] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    # Per incarnation, the highest seq received but not kept (the journal could not take
+    # it): the acks say so, and the rank sends everything after its ack again.
+    refused: dict[PeerKey, int] = field(default_factory=dict)
     _seen: set[tuple[PeerKey, int]] = field(default_factory=set)
+    # The (route, key) and peer of the frame before: the next frame of a message is most
+    # likely from the same rank, which is then known, live and routed already.
+    _last: tuple[tuple[bytes, PeerKey] | None, Peer | None] = (None, None)
 
     @property
     def frames(self) -> list[bytes]:
@@ -69,9 +75,10 @@ class Received:
 
     def acks(self) -> list[tuple[bytes, bytes]]:
         """``(route, ack frame)`` per rank incarnation heard from: its contiguous seq."""
+        refused = self.refused
         return [
-            (route, pack_ack(run, rank, inc, peer.tracker.contiguous))
-            for (route, (run, rank, inc)), peer in self.routes.items()
+            (route, pack_ack(*key, peer.tracker.contiguous, refused.get(key)))
+            for (route, key), peer in self.routes.items()
         ]
 
 
@@ -111,6 +118,30 @@ def _receive_frame(
     if kind == ACK:
         raise ProtocolError("unexpected-kind", "a rank sent an ack")
     key = (envelope["run"], envelope["rank"], envelope["inc"])
+    routed, peer = into._last
+    if routed is None or routed[1] != key or routed[0] != route:
+        peer = _heard(route, key, envelope, ranks, now, into)
+    assert peer is not None
+    if kind in (RECORD, GOODBYE):
+        seq = envelope["seq"]
+        if peer.tracker.seen(seq) or (key, seq) in into._seen:
+            stats.duplicates += 1
+            return
+        into._seen.add((key, seq))
+        into.accepted.append((peer, envelope, frame))
+    else:
+        _note_counters(peer, envelope)
+
+
+def _heard(
+    route: bytes,
+    key: PeerKey,
+    envelope: dict[str, Any],
+    ranks: RankTable,
+    now: float,
+    into: Received,
+) -> Peer:
+    """The peer of ``key`` (added if new), live and routed."""
     peer = ranks.get(key)
     if peer is None:
         if len(ranks) >= MAX_INCARNATIONS:
@@ -131,15 +162,8 @@ def _receive_frame(
     peer.last_seen = now
     peer.live = True
     into.routes[(route, key)] = peer
-    if kind in (RECORD, GOODBYE):
-        seq = envelope["seq"]
-        if peer.tracker.seen(seq) or (key, seq) in into._seen:
-            stats.duplicates += 1
-            return
-        into._seen.add((key, seq))
-        into.accepted.append((peer, envelope, frame))
-    else:
-        _note_counters(peer, envelope)
+    into._last = ((route, key), peer)
+    return peer
 
 
 def _new_peer(envelope: dict[str, Any]) -> Peer:
@@ -157,6 +181,9 @@ def _note_counters(peer: Peer, envelope: dict[str, Any]) -> None:
     resent = envelope.get("resent", 0)  # from ranks that report it
     if type(resent) is int:
         peer.resent = max(peer.resent, resent)
+    spilled = envelope.get("spilled", 0)  # a goodbye's
+    if type(spilled) is int and spilled > peer.spilled:
+        peer.spilled = spilled
     peer.tracker.skip_below(envelope["base"])
 
 

@@ -36,6 +36,15 @@ def segment_bytes(retention: int) -> int:
     return max(_MIN_SEGMENT_BYTES, min(SEGMENT_BYTES, retention // 4))
 
 
+def _refuse(received: Received) -> bool:
+    """Accept nothing of ``received``; its acks tell each rank what it must send again."""
+    for peer, envelope, _ in received.accepted:
+        key = (peer.run, peer.rank, envelope["inc"])
+        received.refused[key] = max(received.refused.get(key, 0), envelope["seq"])
+    received.accepted.clear()
+    return False
+
+
 class Store:
     """Opens the journal, reads it back (every seq accepted before), then starts the
     backends' process: each backend resumes from its checkpoint and reads the journal on to
@@ -138,13 +147,14 @@ class Store:
             return
         self._snapshot()
 
-    def commit(self, received: Received, now: float) -> None:
+    def commit(self, received: Received, now: float) -> bool:
         """Journal and fsync what was received, then account for it: nothing is acked
         before it is durable, and nothing reaches a backend before it is acked. If the
-        journal cannot take it, nothing is accepted: the ranks keep their records and
-        resend them."""
+        journal cannot take it, nothing is accepted (False): the ranks keep their records
+        and resend them."""
+        kept = True
         if received.accepted and now < self._retry_at:
-            received.accepted.clear()  # the disk was just full: let the ranks resend soon
+            kept = _refuse(received)  # the disk was just full: let the ranks resend soon
         if received.accepted:
             try:
                 for frame in received.frames:
@@ -152,13 +162,14 @@ class Store:
                 self.journal.sync()
             except OSError as exc:
                 self._journal_failed(exc, now)
-                received.accepted.clear()
+                kept = _refuse(received)
             else:
                 self._journal_ok()
                 received.apply(self.stats)
                 if self.journal.full:
                     self._rotate()
         self.events.write(received.events)
+        return kept
 
     def _journal_failed(self, exc: OSError, now: float) -> None:
         reason = f"{type(exc).__name__}: {exc.strerror or exc}"

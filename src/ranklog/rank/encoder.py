@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,7 @@ class RecordEncoder:
         host_copy: Callable[[Any], HostCopy | None] = start_cuda_copy,
     ) -> None:
         self.converted = 0
+        self._warned: set[str] = set()  # "repr", "step": each is warned about once
         self._host_copy = host_copy
         self._copies: list[HostCopy] | None = None
         self._identity_fields: dict[str, Any] = {"v": PROTOCOL_VERSION}
@@ -127,6 +129,11 @@ class RecordEncoder:
         if isinstance(number, int) or (isinstance(number, float) and number.is_integer()):
             return int(number)
         self.converted += 1
+        self._warn_once(
+            "step",
+            f"ranklog: the step {value!r:.80} is not an integer; records with such a step go "
+            "without one (further ones are only counted)",
+        )
         return None
 
     def _to_wire(self, value: Any) -> Any:
@@ -152,30 +159,59 @@ class RecordEncoder:
             return f"tensor(shape={list(value.shape)}, dtype={value.dtype}, device={value.device})"
         return repr(value)
 
-    def _sanitize(self, value: Any, depth: int) -> Any:
+    def _sanitize(self, value: Any, depth: int, key: str = "") -> Any:
         if depth > _MAX_SANITIZE_DEPTH:
-            self.converted += 1
+            self._converted_one(key, value)
             return repr(value)[:256]
         if isinstance(value, Mapping):
             return {
-                key if isinstance(key, str) else str(key): self._sanitize(item, depth + 1)
-                for key, item in value.items()
+                name: self._sanitize(item, depth + 1, _path(key, name, depth))
+                for name, item in (
+                    (k if isinstance(k, str) else str(k), v) for k, v in value.items()
+                )
             }
         if isinstance(value, list | tuple | set | frozenset):
-            return [self._sanitize(item, depth + 1) for item in value]
+            return [self._sanitize(item, depth + 1, key) for item in value]
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-            self.converted += 1
+            self._converted_one(key, value)
             return repr(value)
         if value is None or isinstance(value, str | bytes | int | float):
             return value
         if isinstance(value, HostCopy) and self._copies is not None:
             self._copies.append(value)  # a step already on its way to the host
             return value
+        before = self.converted
         converted = self._to_wire(value)
         if isinstance(converted, HostCopy):
             return converted
-        return self._sanitize(converted, depth + 1)
+        if self.converted != before:
+            self._warn_once("repr", _repr_warning(key, value))
+        return self._sanitize(converted, depth + 1, key)
+
+    def _converted_one(self, key: str, value: Any) -> None:
+        self.converted += 1
+        self._warn_once("repr", _repr_warning(key, value))
+
+    def _warn_once(self, what: str, text: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
 
 
 def _extra(attrs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in attrs.items() if key not in _NOT_EXTRA}
+
+
+def _path(parent: str, name: str, depth: int) -> str:
+    """A metric's key as the backends will see it (``train/tokens``); the envelope's own
+    fields (``msg``, ``extra``) are not part of it."""
+    if depth == 0:
+        return "" if name == "msg" else name
+    return f"{parent}/{name}" if parent else name
+
+
+def _repr_warning(key: str, value: Any) -> str:
+    return (
+        f"ranklog: the value of {key or 'the record'!r} ({type(value).__name__}) cannot be sent "
+        "as it is; it goes as its repr (further conversions are only counted)"
+    )

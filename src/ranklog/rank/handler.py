@@ -37,8 +37,20 @@ class ZMQSocketHandler(logging.Handler):
     derives alike (see :func:`ranklog.endpoints.derived_endpoint`). Rank fields default to
     torchrun's environment, then ``torch.distributed``, then 0/1. At most ``max_records``
     records / ``max_bytes`` bytes wait for acknowledgement; beyond that the oldest are
-    dropped and counted. ``close()`` waits up to ``close_timeout`` seconds for everything to
-    be acknowledged and warns about what was not.
+    dropped and counted.
+
+    ``close()`` (run by ``logging.shutdown()`` at exit) first spills everything not yet
+    acknowledged to a file, then waits as long as acknowledgements make progress: it gives
+    up after ``close_timeout`` seconds without any, or ``close_limit`` seconds in all. It
+    always says goodbye; what was delivered after all leaves the spill file, what was not
+    stays in it for the next collector on the output dir (``spill_dir``, normally
+    ``<output_dir>/.ranklog/spill``, when reachable; else ``~/.local/state/ranklog/spill``),
+    and a warning says where. A warning also names the endpoint (and ``collector_log``)
+    while records wait and no collector answers. ``system_metrics`` (default
+    ``RANKLOG_SYSTEM_METRICS``) logs this process's memory, CPU and CUDA memory every
+    ``system_interval`` seconds (default ``RANKLOG_SYSTEM_INTERVAL``, else 10) as records
+    of the logger of the newest record (so they reach the same backends). See
+    :class:`~ranklog.rank.sender.Sender`.
     """
 
     def __init__(
@@ -53,9 +65,14 @@ class ZMQSocketHandler(logging.Handler):
         max_records: int = 100_000,
         max_bytes: int = 256 << 20,
         close_timeout: float = 5.0,
+        close_limit: float = 300.0,
         settings: SenderSettings | None = None,
         curve_server_key: str | bytes | None = None,
         curve_key_file: str | os.PathLike[str] | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
+        collector_log: str | os.PathLike[str] | None = None,
+        system_metrics: bool | None = None,
+        system_interval: float | None = None,
     ) -> None:
         super().__init__(level)
         identity = detect_identity(
@@ -68,9 +85,15 @@ class ZMQSocketHandler(logging.Handler):
             max_records=max_records,
             max_bytes=max_bytes,
             close_timeout=close_timeout,
+            close_limit=close_limit,
             settings=settings,
             curve=curve_keys(curve_server_key, curve_key_file),
             converted=self._converted,
+            spill_dir=spill_dir,
+            collector_log=collector_log,
+            system_metrics=system_metrics,
+            system_interval=system_interval,
+            record_lock=self.lock,
         )
         _live_handlers.add(self)
 
@@ -83,8 +106,8 @@ class ZMQSocketHandler(logging.Handler):
             **{**vars(self.identity), "pid": os.getpid(), "incarnation": new_incarnation()}
         )
         self._encoder = RecordEncoder(identity)
-        self._sender = self._sender.for_child(identity)
         self.createLock()
+        self._sender = self._sender.for_child(identity, record_lock=self.lock)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -106,11 +129,13 @@ class ZMQSocketHandler(logging.Handler):
         self._sender.start()
 
     def flush(self) -> None:
-        """Wait (up to ``close_timeout``) until everything emitted is acknowledged."""
+        """Spill what is not acknowledged yet, and wait while acknowledgements make
+        progress until everything emitted is (the spill file goes then)."""
         self._sender.flush()
 
     def close(self) -> None:
-        """Flush, say goodbye, stop the sender, and warn about anything not delivered."""
+        """Spill, deliver while acknowledgements progress, say goodbye, stop the sender,
+        and warn about anything not delivered (and where it was spilled)."""
         self._sender.close()
         super().close()
 

@@ -43,6 +43,9 @@ class Outbox:
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.dropped = 0
+        self.resent = 0  # records taken again after a requeue (sent more than once)
+        self._sent_through = 0  # the highest seq ever taken
+        self._undo = (0, 0)  # both of those before the last take
         self.on_ack: Callable[[int], None] | None = None
         self._lock = threading.Lock()
         self._unsent: deque[Item] = deque()
@@ -99,6 +102,10 @@ class Outbox:
                 batch.append((seq, data))
                 size += len(data)
             if batch:
+                self._undo = (self._sent_through, self.resent)
+                if batch[0][0] <= self._sent_through:
+                    self.resent += sum(1 for seq, _ in batch if seq <= self._sent_through)
+                self._sent_through = max(self._sent_through, batch[-1][0])
                 now = time.monotonic()
                 if not self._inflight:
                     self._oldest_send = now
@@ -113,9 +120,11 @@ class Outbox:
                 self._unsent.appendleft(self._inflight.pop())
             if batch and self._batches:
                 self._batches.pop()
+                self._sent_through, self.resent = self._undo
 
-    def ack(self, seq: int) -> None:
-        """The collector holds every record up to ``seq``: forget them."""
+    def ack(self, seq: int) -> bool:
+        """The collector holds every record up to ``seq``: forget them. True if that
+        released records in flight."""
         with self._lock:
             acked = False
             while self._inflight and self._inflight[0][0] <= seq:
@@ -131,6 +140,7 @@ class Outbox:
                     self._ack_time = max(took, 0.875 * self._ack_time + 0.125 * took)
         if acked and self.on_ack is not None:
             self.on_ack(seq)
+        return acked
 
     def requeue(self, stale_after: float = 0.0) -> int:
         """Put every in-flight record back in front of the unsent ones, to be sent again.
@@ -148,6 +158,22 @@ class Outbox:
             self._inflight.clear()
             self._batches.clear()
             return count
+
+    def held(self) -> list[Item]:
+        """Every record held, sent or not, in seq order."""
+        with self._lock:
+            return [*self._inflight, *self._unsent]
+
+    @property
+    def sent_at(self) -> float:
+        """When the oldest record in flight went out, or the last acknowledgement came."""
+        return self._oldest_send
+
+    @property
+    def ack_time(self) -> float:
+        """How long acknowledgements have lately taken (seconds; rises at once, settles
+        slowly)."""
+        return self._ack_time
 
     def base(self) -> int:
         """Lowest seq still held; everything below it was acknowledged or dropped."""

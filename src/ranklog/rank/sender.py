@@ -1,10 +1,12 @@
 """Delivery of one process's envelopes to a collector, without the logging module.
 
 A :class:`Sender` owns the bounded outbox, the seq counter and a thread with the DEALER
-socket: the thread sends batches from the outbox, reads acknowledgements, resends what was
-not acknowledged in time, and says hello, heartbeat and goodbye. Whoever packs envelopes
+socket: the thread sends batches from the outbox, reads acknowledgements, resends what the
+collector may not have (:mod:`ranklog.rank.resend`), says hello, heartbeat and goodbye, and
+samples system metrics if asked to (:mod:`ranklog.rank.system`). Whoever packs envelopes
 (``ZMQSocketHandler``, or any caller with a :class:`~ranklog.rank.encoder.RecordEncoder`)
 takes a seq from :meth:`Sender.next_seq` and hands the packed bytes to :meth:`Sender.put`.
+How a sender ends (drain, spill, goodbye) is :mod:`ranklog.rank.closing`.
 """
 
 from __future__ import annotations
@@ -14,62 +16,26 @@ import itertools
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ranklog.errors import ConfigError
+from ranklog.rank import closing
+from ranklog.rank.closing import Ending
+from ranklog.rank.curve import CurveKeys, curve_keys
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import RankIdentity
 from ranklog.rank.outbox import Outbox, Pending
-from ranklog.wire import ACK, GOODBYE, HEARTBEAT, HELLO
+from ranklog.rank.resend import ResendRule, SilenceNotice
+from ranklog.rank.settings import Lock, SenderSettings
+from ranklog.rank.system import SystemSampler, system_metrics_wanted
+from ranklog.rank.system import system_interval as system_interval_or_default
+from ranklog.wire import ACK, HEARTBEAT, HELLO
 
-CurveKeys = tuple[bytes, bytes, bytes]
-
-
-@dataclass
-class SenderSettings:
-    """Timing and batching of the sender thread."""
-
-    poll_interval: float = 0.005
-    heartbeat_interval: float = 1.0
-    ack_timeout: float = 2.0
-    batch_records: int = 512
-    batch_bytes: int = 1 << 20
-    # Records sent but not yet acknowledged. A window keeps a rank that catches up (after a
-    # collector restart, say) from burying the collector in more than it can acknowledge
-    # within ack_timeout, which would only make it resend, and bounds what the collector
-    # buffers per rank.
-    max_in_flight: int = 4096
-
-
-def curve_keys(
-    server_key: str | bytes | None, key_file: str | os.PathLike[str] | None
-) -> CurveKeys | None:
-    """CURVE settings: the collector's public key (Z85, or a ``.key`` file) and this
-    client's key pair (a ``.key_secret`` file from ``ranklog keys``; a fresh pair if None)."""
-    if server_key is None:
-        if key_file is not None:
-            raise ConfigError("curve_key_file needs curve_server_key: the collector's public key")
-        return None
-    import zmq.auth
-
-    if isinstance(server_key, str) and os.path.exists(server_key):
-        server_key = zmq.auth.load_certificate(server_key)[0]
-    server = server_key.encode() if isinstance(server_key, str) else server_key
-    if key_file is None:
-        public, secret = zmq.curve_keypair()
-    else:
-        public, maybe_secret = zmq.auth.load_certificate(os.fspath(key_file))
-        if maybe_secret is None:
-            raise ConfigError(f"{key_file} holds no secret key; pass the .key_secret file")
-        secret = maybe_secret
-    return server, public, secret
+__all__ = ["CurveKeys", "Lock", "Sender", "SenderSettings", "curve_keys"]
 
 
 def _nothing_converted() -> int:
@@ -81,10 +47,16 @@ class Sender:
 
     ``put`` never blocks: at most ``max_records`` records / ``max_bytes`` bytes wait for
     acknowledgement, and beyond that the oldest are dropped and counted. The thread starts
-    with :meth:`start` or the first :meth:`put`. ``close()`` says goodbye and waits up to
-    ``close_timeout`` seconds for everything to be acknowledged, then warns about what was
-    not. ``converted`` reports how many values the caller's encoder had to convert; the
-    count travels in heartbeats and the goodbye.
+    with :meth:`start` or the first :meth:`put`. ``converted`` reports how many values the
+    caller's encoder had to convert; the count travels in heartbeats and the goodbye.
+
+    ``close()`` spills what is unacknowledged, waits while acknowledgements progress
+    (``close_timeout`` without any, ``close_limit`` in all), says goodbye, and leaves the
+    spill file only if something was not delivered (:mod:`ranklog.rank.closing`). A
+    warning names the endpoint (and ``collector_log``) while no collector answers. With
+    ``system_metrics`` the thread queues the process's memory and CPU use every
+    ``system_interval`` seconds as records, under ``record_lock`` (the caller's lock for
+    numbering and queueing its own records; :mod:`ranklog.rank.system`).
 
     To send a record: ``seq = sender.next_seq()``, pack the envelope with that seq
     (``RecordEncoder.record(seq, log_record)``), then ``sender.put(seq, packed)``.
@@ -98,26 +70,49 @@ class Sender:
         max_records: int = 100_000,
         max_bytes: int = 256 << 20,
         close_timeout: float = 5.0,
+        close_limit: float = 300.0,
         settings: SenderSettings | None = None,
         curve: CurveKeys | None = None,
         converted: Callable[[], int] = _nothing_converted,
+        spill_dir: str | os.PathLike[str] | None = None,
+        collector_log: str | os.PathLike[str] | None = None,
+        system_metrics: bool | None = None,
+        system_interval: float | None = None,
+        record_lock: Lock | None = None,
     ) -> None:
         self.identity = identity
         self.endpoint = endpoint
         self.close_timeout = close_timeout
+        self.close_limit = close_limit
         self.settings = settings or SenderSettings()
         self.curve = curve
+        self.spill_dir = spill_dir
+        self.collector_log = None if collector_log is None else os.fspath(collector_log)
         self.outbox = Outbox(max_records, max_bytes)
         self.next_seq: Callable[[], int] = itertools.count(1).__next__
         self.running = False  # from start() until close()
         self.closed = False
-        # Once a flush has waited in vain, close() only tries to say goodbye.
+        # Once a flush has waited in vain, close() waits only briefly unless acks resume.
         self.close_budget = close_timeout
-        self._closing = threading.Event()
+        self.ending = Ending()
         self._converted = converted
         # Control envelopes are packed on the thread, with an encoder of its own.
         self._encoder = RecordEncoder(identity)
         self._thread: threading.Thread | None = None
+        now = time.monotonic()
+        self.resend = ResendRule(self.settings.ack_timeout, self.settings.max_ack_timeout, now)
+        self.silence = SilenceNotice(
+            identity.rank, endpoint, self.settings.silence_warning, self.collector_log
+        )
+        self._system_args = (system_metrics, system_interval)
+        self.system = (
+            SystemSampler(system_interval_or_default(system_interval), identity.local_rank)
+            if system_metrics_wanted(system_metrics)
+            else None
+        )
+        self._record_lock = record_lock
+        self._last_frame = b""  # the newest record sent (for the system metrics' step)
+        self._linger_ms = 0
         # With nothing to send and nothing awaiting an ack the thread sleeps until its next
         # heartbeat; ``asleep`` tells put() to wake it through this pipe (or to start it: it
         # is set until then). A thread that polled instead would take the GIL from the
@@ -160,6 +155,10 @@ class Sender:
                     os.write(self._wake_w, b"\0")
 
     @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    @property
     def stats(self) -> dict[str, int]:
         """Counters a user can check: held (not yet acknowledged), dropped, converted."""
         return {
@@ -169,62 +168,38 @@ class Sender:
         }
 
     def flush(self) -> None:
-        """Wait (up to ``close_timeout``) until everything put is acknowledged."""
-        thread = self._thread
-        deadline = time.monotonic() + self.close_timeout
-        while thread is not None and thread.is_alive() and self.outbox.pending():
-            if time.monotonic() > deadline:
-                self.close_budget = min(self.close_timeout, 0.5)
-                return
-            time.sleep(0.005)
+        """Spill what is not acknowledged yet, then wait while acknowledgements make
+        progress (as :meth:`close` does) until everything put is acknowledged."""
+        closing.flush(self)
 
     def close(self) -> None:
-        """Say goodbye, wait while it and everything before it may still be acknowledged,
-        stop the thread, and warn about anything not delivered."""
-        thread = self._thread
-        closed, self.closed, self.running = self.closed, True, False
-        if closed or thread is None:
-            return
-        seq = self.next_seq()
-        # Packed here, not with the thread's encoder: a Packer is not thread-safe.
-        goodbye = RecordEncoder(self.identity).control(
-            GOODBYE,
-            seq=seq,
-            base=self.outbox.base(),
-            dropped=self.outbox.dropped,
-            converted=self._converted(),
-        )
-        self.outbox.put(seq, goodbye)
-        self._closing.set()
-        self.wake()
-        thread.join(self.close_budget + 2.0)
-        undelivered = self.outbox.pending()
-        dropped = self.outbox.dropped
-        if undelivered or dropped:
-            warnings.warn(
-                f"ranklog: rank {self.identity.rank} could not deliver {undelivered} "
-                f"message(s) to {self.endpoint} within {self.close_timeout:g}s, and dropped "
-                f"{dropped} record(s) because its buffer was full; is the collector running?",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        """Spill, wait while acknowledgements progress, say goodbye, stop the thread, and
+        warn about anything not delivered (and where it was spilled)."""
+        closing.close(self)
 
-    def for_child(self, identity: RankIdentity) -> Sender:
+    def for_child(self, identity: RankIdentity, record_lock: Lock | None = None) -> Sender:
         """A fresh sender, set up like this one, for a forked child with ``identity``.
 
         The child must not touch the parent's context or thread (the parent still sends what
         it buffered); it starts empty, with its own seq space.
         """
         self.forget_wake_pipe()
+        system_metrics, system_interval = self._system_args
         return Sender(
             identity,
             self.endpoint,
             max_records=self.outbox.max_records,
             max_bytes=self.outbox.max_bytes,
             close_timeout=self.close_timeout,
+            close_limit=self.close_limit,
             settings=self.settings,
             curve=self.curve,
             converted=self._converted,
+            spill_dir=self.spill_dir,
+            collector_log=self.collector_log,
+            system_metrics=system_metrics,
+            system_interval=system_interval,
+            record_lock=record_lock,
         )
 
     def forget_wake_pipe(self) -> None:
@@ -246,7 +221,8 @@ class Sender:
             if self.curve is not None:
                 sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
             # Connection events: whatever was in flight on a connection that dropped is resent
-            # first, before newer records, so each rank's records arrive in order.
+            # first, before newer records, so each rank's records arrive in order (see
+            # ranklog.rank.resend).
             monitor = sock.get_monitor_socket(
                 zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
             )
@@ -257,7 +233,8 @@ class Sender:
                 sock.disable_monitor()
                 monitor.close(linger=0)
         finally:
-            sock.close(linger=0)
+            # A goodbye sent last gets a moment to leave.
+            sock.close(linger=self._linger_ms)
             context.term()
             with self._wake_lock:
                 self.asleep = False
@@ -274,8 +251,8 @@ class Sender:
         wait_ms = poll_ms
         greeted = False
         last_beat = spoke = 0.0  # spoke: when the collector last heard from this rank
-        told = (0, 0)  # the counters the last heartbeat carried
-        deadline: float | None = None
+        told = (0, 0, 0)  # the counters the last heartbeat carried
+        self.resend.heard_at = time.monotonic()
         while True:
             ready = dict(poller.poll(wait_ms))
             self.asleep = False
@@ -288,35 +265,64 @@ class Sender:
             now = time.monotonic()
             # Records say "alive" as well as a heartbeat does: a heartbeat goes out after a
             # second of silence, or a second after the last one if its counters changed.
-            counters = (self.outbox.dropped, self._converted())
+            counters = (self.outbox.dropped, self._converted(), self.outbox.resent)
             changed = counters != told and now - last_beat >= beat
             due = not greeted or now - spoke >= beat or changed
             if due and self._send_control(sock, HEARTBEAT if greeted else HELLO):
                 greeted = True
                 last_beat = spoke = now
                 told = counters
-            self.outbox.requeue(stale_after=settings.ack_timeout)
+            self._pass_chores(now)
             if self._send_batches(sock):
                 spoke = now
-            if self._closing.is_set():
-                if deadline is None:
-                    deadline = now + self.close_budget
-                if self.outbox.pending() == 0 or now >= deadline:
-                    return
+            if self.ending.closing.is_set() and closing.step(self, sock):
+                return
             wait_ms = poll_ms
             if greeted and not self.outbox.in_flight():
                 # Say so first, then look: a record put after the look finds asleep set.
                 self.asleep = True
-                if self.outbox.has_unsent() or self._closing.is_set():
+                if self.outbox.has_unsent() or self.ending.closing.is_set():
                     self.asleep = False
                 else:
-                    next_beat = spoke + beat - time.monotonic()
-                    wait_ms = max(poll_ms, int(next_beat * 1000) + 1)
+                    wake_at = spoke + beat
+                    if self.system is not None:
+                        wake_at = min(wake_at, self.system.next_at)
+                    wait_ms = max(poll_ms, int((wake_at - time.monotonic()) * 1000) + 1)
+
+    def _pass_chores(self, now: float) -> None:
+        """Once a pass: system metrics when due, resends when due, the silence warning."""
+        if self.system is not None and self.system.due(now) and not self.ending.closing.is_set():
+            self._sample_system(now)
+        outbox = self.outbox
+        if outbox.in_flight() and self.resend.due(now, outbox.sent_at, outbox.ack_time):
+            outbox.requeue()
+        self.silence.check(now, self.resend.heard_at, outbox.pending())
+
+    def _sample_system(self, now: float) -> None:
+        system = self.system
+        assert system is not None
+        lock = self._record_lock
+        # The caller numbers and queues its records under this lock; never wait for it
+        # (logging.shutdown holds it while it flushes).
+        if lock is not None and not lock.acquire(blocking=False):
+            return
+        try:
+            system.note_frame(self._last_frame)
+            metrics = system.sample(now)
+            seq = self.next_seq()
+            self.outbox.put(seq, self._encoder.record(seq, system.record(metrics)))
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _on_connection_events(self, monitor: zmq.Socket[Any]) -> None:
+        # Only a dropped connection loses what was in flight: records cannot go out
+        # without one (IMMEDIATE), and those sent on a new one before its handshake event
+        # is read must not go twice.
         while monitor.poll(0):
-            recv_monitor_message(monitor)
-            self.outbox.requeue()
+            if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                self.resend.reconnected()
+                self.outbox.requeue()
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -348,21 +354,33 @@ class Sender:
             except zmq.Again:
                 self.outbox.unsend(batch)
                 break
+            self._last_frame = batch[last][1]
             sent = True
         return sent
 
+    def control(self, kind: str, **fields: Any) -> bytes:
+        """A hello, heartbeat or goodbye with the counters (packed with the thread's
+        encoder: call it on the thread only)."""
+        counters = {
+            "base": self.outbox.base(),
+            "dropped": self.outbox.dropped,
+            "converted": self._converted(),
+            "resent": self.outbox.resent,
+        }
+        return self._encoder.control(kind, **{**counters, **fields})
+
     def _send_control(self, sock: zmq.Socket[Any], kind: str) -> bool:
-        frame = self._encoder.control(
-            kind,
-            base=self.outbox.base(),
-            dropped=self.outbox.dropped,
-            converted=self._converted(),
-        )
         try:
-            sock.send(frame, zmq.NOBLOCK)
+            sock.send(self.control(kind), zmq.NOBLOCK)
         except zmq.Again:
             return False
         return True
+
+    def send_last(self, sock: zmq.Socket[Any], frame: bytes) -> None:
+        """Send ``frame`` as the thread's last word, given a moment to leave."""
+        self._linger_ms = 1000
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send(frame, zmq.NOBLOCK)
 
     def _read_acks(self, sock: zmq.Socket[Any]) -> None:
         while True:
@@ -381,4 +399,8 @@ class Sender:
                     and ack.get("inc") == self.identity.incarnation
                     and type(ack.get("seq")) is int
                 ):
-                    self.outbox.ack(ack["seq"])
+                    advanced = self.outbox.ack(ack["seq"])
+                    got = ack.get("got")
+                    refused = type(got) is int and got > ack["seq"]
+                    self.resend.heard(time.monotonic(), advanced=advanced, refused=refused)
+                    self.silence.heard()
