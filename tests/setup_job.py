@@ -29,7 +29,9 @@ def main() -> int:
     metrics = logging.getLogger("instructlab.training.metrics")
     metrics.info({"lr": 0.1}, extra={"hparams": True})
     for step in range(spec.get("steps", 20)):
-        metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
+        metrics.info(
+            {"loss": 1.0 / (step + 1) + rank, **spec.get("also", {})}, extra={"step": step}
+        )
         time.sleep(spec.get("step_delay", 0))
     code = finish_metric_logger(timeout=120)
     dist.destroy_process_group()

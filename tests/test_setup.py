@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from ranklog import (
 from ranklog.names import BACKEND_OPTIONS
 from ranklog.rank.embedded import EmbeddedCollector
 from ranklog.rank.setup import _plan
-from tests.conftest import read_jsonl
+from tests.conftest import read_jsonl, start_collector
 from tests.ranks import start_rank
 from tests.test_delivery import tensorboard_loss_steps
 from tests.wandb_reader import offline_runs, read_run
@@ -195,6 +197,30 @@ class TestCallForms:
 
 def _no_options() -> dict[str, str | None]:
     return dict.fromkeys(BACKEND_OPTIONS)
+
+
+class TestJobsInOneOutputDir:
+    """InstructLab users reuse output dirs: every job's records land, once."""
+
+    def test_two_embedded_jobs_then_a_standalone_collector(self, tmp_path: Path) -> None:
+        out = tmp_path / "out"
+        for job in ("first", "second"):
+            spec = {"args": ["async"], "kwargs": {"output_dir": str(out)}, "also": {"job": job}}
+            proc = torchrun_job(spec)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        c = start_collector(out, "--world-size", "2", "--exit-when-done")
+        try:
+            env = {**os.environ, "RANKLOG_ENDPOINT": c.endpoint, "WANDB_MODE": "offline"}
+            proc = torchrun_job({"also": {"job": "third"}}, env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert c.wait(60) == 0, c.log()
+        finally:
+            c.terminate(signal.SIGKILL)
+        for rank in (0, 1):
+            rows = read_jsonl(out / f"training_params_and_metrics_global{rank}.jsonl")
+            seen = Counter((row["job"], row["step"]) for row in rows if "step" in row)
+            expected = {(job, step) for job in ("first", "second", "third") for step in range(20)}
+            assert set(seen) == expected and set(seen.values()) == {1}, seen
 
 
 class TestInstructLabToday:

@@ -15,6 +15,7 @@ from typing import Any, cast
 from ranklog.endpoints import ENDPOINT_ENV
 from ranklog.errors import ConfigError
 from ranklog.filters import FormatDictFilter, IsMappingFilter
+from ranklog.journal import spill_path
 from ranklog.names import (
     BACKEND_NAMES,
     BACKEND_OPTIONS,
@@ -24,7 +25,7 @@ from ranklog.names import (
     parse_policy_spec,
 )
 from ranklog.rank import job_keys
-from ranklog.rank.embedded import EmbeddedCollector
+from ranklog.rank.embedded import COLLECTOR_LOG, EmbeddedCollector
 from ranklog.rank.handler import ZMQSocketHandler
 from ranklog.rank.identity import derived_endpoint, detect_identity
 
@@ -136,6 +137,11 @@ def setup_metric_logger(
             "curve_server_key": keys.server_public,
             "curve_key_file": key_file,
         }
+    # Undeliverable records at exit go to the output dir, where the next collector (or
+    # `ranklog replay`) takes them in; the embedded collector's log is named in warnings.
+    handler_kwargs = {"spill_dir": spill_path(plan.output_dir), **handler_kwargs}
+    if not explicit:
+        handler_kwargs.setdefault("collector_log", plan.output_dir / COLLECTOR_LOG)
     if not explicit and identity.rank == 0:
         global _embedded_collector
         _embedded_collector = EmbeddedCollector(
