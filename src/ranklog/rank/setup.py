@@ -27,7 +27,7 @@ from ranklog.names import (
 from ranklog.rank import job_keys
 from ranklog.rank.embedded import COLLECTOR_LOG, EmbeddedCollector
 from ranklog.rank.handler import ZMQSocketHandler
-from ranklog.rank.identity import derived_endpoint, detect_identity
+from ranklog.rank.identity import RankIdentity, derived_endpoint, detect_identity
 
 PACKAGE_LOGGER = "instructlab.training"
 METRICS_LOGGER = "instructlab.training.metrics"
@@ -120,30 +120,42 @@ def setup_metric_logger(
         rank=handler_kwargs.get("rank"), world_size=handler_kwargs.get("world_size")
     )
     explicit = endpoint or os.environ.get(ENDPOINT_ENV)
-    target = explicit or derived_endpoint(identity)
-    if explicit and identity.rank == 0:
-        _warn_unused(explicit, loggers, run_name, output_dir, options, policy)
+    if explicit:
+        if identity.rank == 0:
+            _warn_unused(explicit, loggers, run_name, output_dir, options, policy)
+        handler_kwargs = {"spill_dir": spill_path(plan.output_dir), **handler_kwargs}
+        return _attach(explicit, logger_name, level, handler_kwargs)
+    return _embedded(identity, plan, logger_name, level, handler_kwargs)
+
+
+def _embedded(
+    identity: RankIdentity,
+    plan: _Plan,
+    logger_name: str,
+    level: int | str,
+    handler_kwargs: dict[str, Any],
+) -> ZMQSocketHandler:
+    """The embedded default: rank 0 starts the collector; every rank attaches a handler."""
+    global _embedded_collector
+    target = derived_endpoint(identity)
     collector_args = plan.collector_args()
+    # Undeliverable records at exit go to the output dir, where the next collector (or
+    # `ranklog replay`) takes them in; the collector's log is named in warnings.
+    handler_kwargs = {
+        "spill_dir": spill_path(plan.output_dir),
+        "collector_log": plan.output_dir / COLLECTOR_LOG,
+        **handler_kwargs,
+    }
     key_file: Path | None = None
-    if not explicit and target.startswith("tcp://"):
+    if target.startswith("tcp://"):
         # Across nodes the collector listens on the network: only this job's ranks, which
         # hold its key, may connect (job_keys.py).
         folder = job_keys.key_folder(plan.output_dir, identity.run_id)
         keys = job_keys.share(identity, folder)
         collector_args += job_keys.collector_flags(folder)
         key_file = keys.client_key_file()
-        handler_kwargs = {
-            **handler_kwargs,
-            "curve_server_key": keys.server_public,
-            "curve_key_file": key_file,
-        }
-    # Undeliverable records at exit go to the output dir, where the next collector (or
-    # `ranklog replay`) takes them in; the embedded collector's log is named in warnings.
-    handler_kwargs = {"spill_dir": spill_path(plan.output_dir), **handler_kwargs}
-    if not explicit:
-        handler_kwargs.setdefault("collector_log", plan.output_dir / COLLECTOR_LOG)
-    if not explicit and identity.rank == 0:
-        global _embedded_collector
+        handler_kwargs.update(curve_server_key=keys.server_public, curve_key_file=key_file)
+    if identity.rank == 0:
         _embedded_collector = EmbeddedCollector(
             target, plan.output_dir, identity.world_size, collector_args
         ).start()
