@@ -134,3 +134,17 @@ class TestConfigFile:
         text = lines.read_text().splitlines()
         assert len(text) == 10
         assert any(line.startswith("1 4 {") for line in text)
+
+
+class TestHousekeeping:
+    """What a collector leaves behind: its output, not its socket file."""
+
+    def test_ipc_socket_file_is_removed_at_exit(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        socket_file = tmp_path / "c.ipc"
+        c = collector("--world-size", "1", "--exit-when-done", bind=f"ipc://{socket_file}")
+        assert socket_file.exists()
+        run_ranks(c.endpoint, 1, 10)
+        assert c.wait(30) == 0, c.log()
+        assert not socket_file.exists()
