@@ -53,7 +53,7 @@ def main() -> int:
     rebuilt = build_record(envelope, 0, 0)
 
     with tempfile.TemporaryDirectory() as scratch:
-        journal = Journal(Path(scratch) / "journal.bin")
+        journal = Journal(Path(scratch) / "journal")  # a folder of segments
         for _ in range(CALLS):
             journal.append(frame)
         journal.sync()
