@@ -23,6 +23,7 @@ from ranklog.errors import ConfigError
 _log = logging.getLogger(__name__)
 _POLL_MS = 100
 _SPILL_SCAN = 2.0  # seconds between looks for spill files that appeared while serving
+_SPILL_WAIT_AT_EXIT = 10.0
 
 __all__ = ["DEFAULT_BIND", "Collector", "replay", "serve"]
 
@@ -64,7 +65,9 @@ def serve(
                 if on_listening is not None:
                     on_listening(router.endpoint)
                 _serve(router, store, settings, stop, watch)
-                ingest_spills(store, time.monotonic())  # what the last ranks left
+                # What the last ranks left: a rank that spilled lets go of its file as it
+                # exits, just after its goodbye.
+                ingest_spills(store, time.monotonic(), wait=_SPILL_WAIT_AT_EXIT)
             finally:
                 watch.close()
     finally:

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,19 +28,30 @@ _log = logging.getLogger(__name__)
 _CHUNK = 4096  # frames per receive step, journal append and fsync
 
 
-def ingest_spills(store: Store, now: float) -> int:
-    """Ingest every unlocked spill file of the store's output dir; the records accepted."""
+def ingest_spills(store: Store, now: float, *, wait: float = 0.0) -> int:
+    """Ingest every unlocked spill file of the store's output dir; the records accepted.
+
+    ``wait``: for up to that many seconds, look again at files still locked. At exit this
+    takes in what the job's last ranks spilled: a rank whose goodbye said it spilled
+    records lets go of its file as it exits, a moment after the goodbye."""
     folder = spill_path(store.settings.output_path)
-    try:
-        names = sorted(name for name in os.listdir(folder) if name.endswith(SPILL_SUFFIX))
-    except OSError:  # no folder: nothing spilled
-        return 0
+    deadline = time.monotonic() + wait
     total = 0
-    for name in names:
-        accepted = _ingest_locked(store, folder / name, now)
-        if accepted is not None:
-            total += accepted
-    return total
+    while True:
+        try:
+            names = sorted(name for name in os.listdir(folder) if name.endswith(SPILL_SUFFIX))
+        except OSError:  # no folder: nothing spilled
+            return total
+        left = 0
+        for name in names:
+            accepted = _ingest_locked(store, folder / name, now)
+            if accepted is None:
+                left += 1
+            else:
+                total += accepted
+        if not left or time.monotonic() >= deadline:
+            return total
+        time.sleep(0.1)
 
 
 def _ingest_locked(store: Store, path: Path, now: float) -> int | None:
