@@ -32,6 +32,15 @@ class TestRule:
         rule.reconnected()
         assert rule.due(32.0, sent_at=24.0, ack_time=0.1)  # back to 8 s
 
+    def test_answers_that_release_nothing_do_not_hold_back_a_resend(self) -> None:
+        """Heartbeats get answers, but the records in flight died with a collector whose
+        end produced no reconnect event: they go again after the quiet interval."""
+        rule = ResendRule(2.0, 30.0, now=0.0)
+        for second in range(1, 8):
+            rule.heard(float(second), advanced=False, refused=False)
+            assert not rule.due(second + 0.5, sent_at=0.0, ack_time=0.1)
+        assert rule.due(8.0, sent_at=0.0, ack_time=0.1)
+
     def test_refused_records_are_sent_again_with_backoff(self) -> None:
         rule = ResendRule(2.0, 30.0, now=0.0)
         rule.heard(1.0, advanced=False, refused=True)

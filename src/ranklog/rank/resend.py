@@ -10,12 +10,15 @@ Resend rule. Records in flight are sent again
   journal could not be written: the ack's ``got`` lies above its ``seq``), first at once,
   then at intervals that double from ``first`` up to ``longest`` while nothing new is
   acknowledged;
-* as a last resort, when nothing at all answered for ``max(4 * first, 3 * ack time)``
-  seconds after the oldest record in flight went out, doubling (up to ``longest``) each
-  time until the next reconnect.
+* as a last resort, when no acknowledgement released anything for
+  ``max(4 * first, 3 * ack time)`` seconds after the oldest record in flight went out,
+  doubling (up to ``longest``) each time until the next reconnect. Acknowledgements that
+  keep arriving without releasing anything (answers to heartbeats) do not count: records
+  sent on a connection that died as it was being noticed are gone without a reconnect
+  event of their own, and only this brings them back.
 
-Never otherwise: while the collector answers anything, it has the records in its queue,
-and a slow collector made to take everything twice only gets slower.
+Never otherwise: while the collector's acknowledgements release records, it has the rest
+in its queue, and a slow collector made to take everything twice only gets slower.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ResendRule:
         self.first = first
         self.longest = max(first, longest)
         self.heard_at = now  # the last acknowledgement of any kind
+        self.advanced_at = now  # the last one that released records
         self._refused_at: float | None = None  # records arrived but were not kept
         self._retry = 0.0  # the wait before resending refused records: 0, first, 2 * first...
         self._retried_at = -float("inf")
@@ -42,6 +46,7 @@ class ResendRule:
         were received and not kept (``refused``)."""
         self.heard_at = now
         if advanced:
+            self.advanced_at = now
             self._retry = 0.0
             self._refused_at = None
         if refused and self._refused_at is None:
@@ -63,7 +68,7 @@ class ResendRule:
             self._refused_at = None
             return True
         patience = max(self._quiet, 3 * ack_time)
-        if now - max(self.heard_at, sent_at) < patience:
+        if now - max(self.advanced_at, sent_at) < patience:
             return False
         self._quiet = min(2 * self._quiet, self.longest)
         return True

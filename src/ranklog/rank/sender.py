@@ -252,7 +252,7 @@ class Sender:
         greeted = False
         last_beat = spoke = 0.0  # spoke: when the collector last heard from this rank
         told = (0, 0, 0)  # the counters the last heartbeat carried
-        self.resend.heard_at = time.monotonic()
+        self.resend.heard_at = self.resend.advanced_at = time.monotonic()
         while True:
             ready = dict(poller.poll(wait_ms))
             self.asleep = False
