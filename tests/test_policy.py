@@ -141,6 +141,23 @@ class TestSelectionPolicies:
             (6, {"loss": 0.9}),
         ]
 
+    def test_first_drops_a_step_that_left_its_window_even_after_a_restart(self) -> None:
+        """A rank far behind (records resent after a collector restart) must not pass a
+        step as "first" again once the step has left the window, nor after a restart."""
+        policy = FirstPolicy()
+        policy.window = 4
+        out = feed(policy, *(rec(0, step, {"loss": float(step)}) for step in range(10)))
+        assert [r.step for r in out] == list(range(10))
+        assert feed(policy, rec(1, 2, {"loss": 9.0}), rec(1, 7, {"loss": 9.0})) == []
+        assert policy.late == 1  # step 2 left the window; step 7 is still in it
+        restarted = FirstPolicy()
+        restarted.window = 4
+        restarted.restore(policy.checkpoint())
+        assert feed(restarted, rec(1, 3, {"loss": 9.0})) == []
+        assert [r.step for r in feed(restarted, rec(1, 10, {"loss": 1.0}))] == [10]
+        other_job = rec(1, 3, {"loss": 9.0}, run_id="next-job")
+        assert feed(restarted, other_job) != []  # each job counts its own steps
+
     def test_all_makes_per_rank_series_without_touching_the_original(self) -> None:
         original = rec(1, 3, {"train": {"loss": 2.0}})
         (out,) = feed(AllRanksPolicy(), original)

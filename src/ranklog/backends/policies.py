@@ -187,16 +187,30 @@ class _FirstStep:
 
 
 class FirstPolicy(RankPolicy):
-    """The first value for each (logger, step, key), from whichever rank sent it first."""
+    """The first value for each (logger, step, key), from whichever rank sent it first.
+
+    It remembers the keys of the last :attr:`window` distinct steps; of older steps, only
+    the highest step that left the window (per job and logger). A record for a step at or
+    below that mark which is not in the window was handed on already (its rank is that far
+    behind: say a record resent after a collector restart), so it is dropped and counted,
+    never written twice."""
 
     name = "first"
-    # Steps remembered; a step older than this many distinct steps counts as new again. A
-    # restart reads back the records of these steps, so it also bounds that work.
+    # Steps remembered; a restart reads back the records of these steps, so it also bounds
+    # that work.
     window = 1024
+    _marks_kept = 64  # (job, logger) pairs whose mark is kept
 
     def __init__(self, backend: str = "") -> None:
         super().__init__(backend)
         self._seen: OrderedDict[tuple[Any, str, int], _FirstStep] = OrderedDict()
+        self._passed: OrderedDict[tuple[Any, str], int] = OrderedDict()
+        self._report = ReportOnce(_log)
+
+    @property
+    def late(self) -> int:
+        """Records dropped because their step left the window before they arrived."""
+        return self._report["late"]
 
     def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
         step = getattr(record, "step", None)
@@ -205,9 +219,13 @@ class FirstPolicy(RankPolicy):
         where = (_job(record), record.name, step)
         seen = self._seen.get(where)
         if seen is None:
+            mark = self._passed.get(where[:2])
+            if mark is not None and step <= mark:
+                self._count_late(step, mark)
+                return []
             seen = self._seen[where] = _FirstStep(getattr(record, START_ATTR, 0))
             if len(self._seen) > self.window:
-                self._seen.popitem(last=False)
+                self._forget(*self._seen.popitem(last=False)[0])
         flat = flatten_dict(record.msg)
         fresh = {k: v for k, v in flat.items() if k not in seen.keys}
         seen.keys.update(fresh)
@@ -215,9 +233,47 @@ class FirstPolicy(RankPolicy):
             return []
         return [_derived(record, record.msg if len(fresh) == len(flat) else fresh)]
 
+    def _forget(self, job: Any, logger: str, step: int) -> None:
+        """``step`` leaves the window: it stays known as handed on through the mark."""
+        key = (job, logger)
+        self._passed[key] = max(step, self._passed.get(key, step))
+        self._passed.move_to_end(key)
+        if len(self._passed) > self._marks_kept:
+            self._passed.popitem(last=False)
+
+    def _count_late(self, step: int, mark: int) -> None:
+        self._report(
+            "late",
+            "policy first for backend %s: a record for step %d arrived after steps up to %d "
+            "had left its window of the last %d steps; dropped as already handed on; "
+            "further late records are counted",
+            self.backend,
+            step,
+            mark,
+            self.window,
+        )
+
     def remember_from(self) -> int | None:
         # Every step in the window, as a later record of any of them must still be judged.
         return next(iter(self._seen.values())).start if self._seen else None
+
+    def drain(self) -> list[logging.LogRecord]:
+        if self.late:
+            _log.info(
+                "policy first for backend %s: %d late record(s) dropped", self.backend, self.late
+            )
+        return []
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        state = super().checkpoint() or {}
+        if self._passed:
+            state["passed"] = [[job, logger, step] for (job, logger), step in self._passed.items()]
+        return state or None
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        super().restore(state)
+        passed = (state or {}).get("passed", ())
+        self._passed = OrderedDict(((job, logger), int(step)) for job, logger, step in passed)
 
 
 @dataclass(order=True)
