@@ -153,7 +153,10 @@ class TestSelectionPolicies:
         restarted = FirstPolicy()
         restarted.window = 4
         restarted.restore(policy.checkpoint())
+        assert restarted.remember(rec(1, 3, {"loss": 9.0}), 0.0) == []
+        assert restarted.late == 0  # seen again to remember it: judged when it first came
         assert feed(restarted, rec(1, 3, {"loss": 9.0})) == []
+        assert restarted.late == 1
         assert [r.step for r in feed(restarted, rec(1, 10, {"loss": 1.0}))] == [10]
         other_job = rec(1, 3, {"loss": 9.0}, run_id="next-job")
         assert feed(restarted, other_job) != []  # each job counts its own steps

@@ -238,7 +238,7 @@ class BackendFeed:
                 if start in held:
                     self._deliver(self._policy_step(policy.accept, record, now))
                 elif remember is not None and start >= remember:
-                    self._policy_step(policy.accept, record, now)
+                    self._policy_step(policy.remember, record, now)
         self._resume_pending = False
 
     def _follow(self, end: int, now: float) -> None:

@@ -114,6 +114,11 @@ class RankPolicy:
     # then the records it held (:meth:`held_starts`) are taken again in journal order, and
     # those from :meth:`remember_from` on are shown to it with nothing handed on.
 
+    def remember(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        """See a record from before the checkpoint again, to remember it: as :meth:`accept`,
+        but what it would hand on was handed on already (the caller drops it)."""
+        return self.accept(record, now)
+
     def held_starts(self) -> list[int]:
         """Journal offsets (entry starts) of the records held back, not yet handed on."""
         return []
@@ -206,11 +211,21 @@ class FirstPolicy(RankPolicy):
         self._seen: OrderedDict[tuple[Any, str, int], _FirstStep] = OrderedDict()
         self._passed: OrderedDict[tuple[Any, str], int] = OrderedDict()
         self._report = ReportOnce(_log)
+        self._remembering = False
 
     @property
     def late(self) -> int:
         """Records dropped because their step left the window before they arrived."""
         return self._report["late"]
+
+    def remember(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
+        # Records of a step that left the window since were judged when they came: not
+        # late then, so not counted now.
+        self._remembering = True
+        try:
+            return self.accept(record, now)
+        finally:
+            self._remembering = False
 
     def _metrics(self, record: logging.LogRecord, now: float) -> list[logging.LogRecord]:
         step = getattr(record, "step", None)
@@ -221,7 +236,8 @@ class FirstPolicy(RankPolicy):
         if seen is None:
             mark = self._passed.get(where[:2])
             if mark is not None and step <= mark:
-                self._count_late(step, mark)
+                if not self._remembering:
+                    self._count_late(step, mark)
                 return []
             seen = self._seen[where] = _FirstStep(getattr(record, START_ATTR, 0))
             if len(self._seen) > self.window:

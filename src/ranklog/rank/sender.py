@@ -101,6 +101,9 @@ class Sender:
         self._thread: threading.Thread | None = None
         now = time.monotonic()
         self.resend = ResendRule(self.settings.ack_timeout, self.settings.max_ack_timeout, now)
+        # False from a dropped connection until the next one's handshake: nothing is sent
+        # in between (see _on_connection_events).
+        self._link_up = True
         self.silence = SilenceNotice(
             identity.rank, endpoint, self.settings.silence_warning, self.collector_log
         )
@@ -268,7 +271,7 @@ class Sender:
             counters = (self.outbox.dropped, self._converted(), self.outbox.resent)
             changed = counters != told and now - last_beat >= beat
             due = not greeted or now - spoke >= beat or changed
-            if due and self._send_control(sock, HEARTBEAT if greeted else HELLO):
+            if due and self._link_up and self._send_control(sock, HEARTBEAT if greeted else HELLO):
                 greeted = True
                 last_beat = spoke = now
                 told = counters
@@ -317,10 +320,17 @@ class Sender:
 
     def _on_connection_events(self, monitor: zmq.Socket[Any]) -> None:
         # Only a dropped connection loses what was in flight: records cannot go out
-        # without one (IMMEDIATE), and those sent on a new one before its handshake event
-        # is read must not go twice.
+        # without one (IMMEDIATE). Nor is the connection's queue gone when its event is
+        # read: ZeroMQ drops it a moment later, with whatever was sent into it meanwhile.
+        # So from a drop until the next connection's handshake nothing is sent; then what
+        # was in flight goes first, on the new connection, before newer records (each
+        # rank's records reach the journal in order; W&B needs its steps in order).
         while monitor.poll(0):
-            if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._link_up = False
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self._link_up:
+                self._link_up = True
                 self.resend.reconnected()
                 self.outbox.requeue()
 
@@ -337,7 +347,7 @@ class Sender:
         send = sock.send
         more = zmq.NOBLOCK | zmq.SNDMORE
         sent = False
-        while self.outbox.has_unsent():
+        while self._link_up and self.outbox.has_unsent():
             room = settings.max_in_flight - self.outbox.in_flight()
             if room <= 0:
                 break
