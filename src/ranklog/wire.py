@@ -2,7 +2,10 @@
 
 Never pickle: a frame decodes to plain maps, lists, strings and numbers, and every field is
 checked before the collector trusts it. Shared by the rank side (which packs envelopes,
-``ranklog.rank.encoder``) and the collector (which decodes and validates them).
+``ranklog.rank.encoder``) and the collector (which decodes and validates them). The
+collector first tries msgspec decoders generated from the same table (typed, checked in
+C; its ``collector`` extra, which the rank side never imports); what they refuse goes to
+msgpack and the table, which decide and name the reason.
 """
 
 from __future__ import annotations
@@ -183,6 +186,11 @@ def decode(frame: bytes) -> dict[str, Any]:
     typed = (_TYPED or _typed_records()).envelope(frame)
     if typed is not None:
         return typed
+    return _decode_untyped(frame)
+
+
+def _decode_untyped(frame: bytes) -> dict[str, Any]:
+    """:func:`decode` by msgpack and the table: what decides, and names the reason."""
     try:
         envelope = msgpack.unpackb(
             frame,

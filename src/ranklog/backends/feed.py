@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ranklog.backends import checkpoint as _checkpoint
+from ranklog.backends.handing import Handing
 from ranklog.backends.policies import RankPolicy
 from ranklog.backends.protocol import Resumable, Rewindable
-from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.journal import DamageReport, first_offset, read_entries
 from ranklog.reporting import ReportOnce
-from ranklog.wire import RECORD, decode_journaled
 
 _log = logging.getLogger(__name__)
 _RETRY_AFTER = 1.0
@@ -40,7 +39,7 @@ class _Rewound(Exception):
     """The backend hit a write error and went back to its last checkpoint."""
 
 
-class BackendFeed:
+class BackendFeed(Handing):
     """Feeds ``handler`` (behind a rank policy, if any) the journal's records that ``route``
     says it gets, and checkpoints how far it got.
 
@@ -252,15 +251,7 @@ class BackendFeed:
                 (end - self.offset) / (1 << 20),
             )
         entries = read_entries(self._journal_path, self.offset, end, self._damage)
-        count = 0
-        for count, (entry_start, entry_end, frame) in enumerate(entries, 1):
-            record = self._record(frame, entry_start, entry_end)
-            if record is not None:
-                self._take(record)
-            self.offset = entry_end
-            if count == _CHUNK_ENTRIES:
-                break
-        if count == 0:
+        if self._hand_on(entries, _CHUNK_ENTRIES) == 0:
             # An entry below the durable end that does not read back (damaged on disk):
             # never spin on it; say so and look again now and then.
             self._retry_at = self.clock() + _RETRY_AFTER
@@ -271,47 +262,6 @@ class BackendFeed:
                     self.name,
                     self.offset,
                 )
-
-    def _record(self, frame: bytes, start: int, end: int) -> logging.LogRecord | None:
-        """The LogRecord of a journaled record, if it reaches this backend."""
-        try:
-            envelope = decode_journaled(frame)
-            if envelope["kind"] != RECORD:
-                return None  # a goodbye
-            record = build_record(envelope, start, end)
-        except Exception:
-            self._failure("could not read a journal entry")
-            return None
-        try:
-            reached = self.route.reaches(record)  # runs the logger's filters, which may raise
-        except Exception:
-            self._failure("could not route a record (a logger filter failed)")
-            return None
-        return record if reached else None
-
-    def _take(self, record: logging.LogRecord) -> None:
-        if self.policy is None:
-            self._deliver([record])
-        else:
-            self._deliver(self._policy_step(self.policy.accept, record, self.clock()))
-
-    def _policy_step(self, step: Any, *args: Any) -> list[logging.LogRecord]:
-        try:
-            return step(*args)  # type: ignore[no-any-return]
-        except Exception:
-            self._failure("its rank policy failed on a record")
-            return []
-
-    def _deliver(self, records: list[logging.LogRecord]) -> None:
-        for record in records:
-            try:
-                self.handler.handle(record)
-            except OSError as exc:
-                if self._can_rewind():
-                    self._rewind(exc)
-                self._failure("failed on a record")
-            except Exception:
-                self._failure("failed on a record")
 
     def _failure(self, what: str) -> None:
         self.report(what, "backend %s %s; it keeps running", self.name, what, exc_info=True)

@@ -22,7 +22,7 @@ inherit from anything here. Each record carries its place in the journal as two 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 #: Record attribute: the journal offset where the record's entry ends. A backend that writes
@@ -77,6 +77,26 @@ class Rewindable(Resumable, Protocol):
     def rewind_to(self, state: dict[str, Any] | None) -> None:
         """Drop what is not written yet and cut every owned file back to ``state`` (a file
         opened since: back to its size when opened). The next record may reopen files."""
+        ...
+
+
+@runtime_checkable
+class TakesEnvelopes(Protocol):
+    """A built-in backend that takes the journal's records as decoded envelopes, a batch at a
+    time, with no LogRecord built for each: what ``handle()`` would do with each one's
+    record, in order, while holding the handler's lock once.
+
+    The runner uses it only where nothing else needs a LogRecord: no rank policy, a route
+    that does not depend on the record (no logger filters), and :meth:`takes_envelopes`."""
+
+    def takes_envelopes(self) -> bool:
+        """True if every filter of the handler is one :meth:`handle_envelopes` applies."""
+        ...
+
+    def handle_envelopes(self, batch: Sequence[tuple[Any, int, int]]) -> None:
+        """Handle ``(envelope, start, end)`` for each record of ``batch``, in order: the
+        typed struct of :func:`ranklog.wire.decode_journaled_record` and where its entry
+        lies in the journal (the LogRecord's :data:`START_ATTR` and :data:`OFFSET_ATTR`)."""
         ...
 
 

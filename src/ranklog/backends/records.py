@@ -14,31 +14,34 @@ _TEMPLATE = logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
 _START = getattr(logging, "_startTime", time.time())
 
 
-def build_record(envelope: dict[str, Any], start: int, end: int) -> logging.LogRecord:
+def build_record(envelope: Any, start: int, end: int) -> logging.LogRecord:
     """The LogRecord a rank logged, with its origin as attributes.
 
+    ``envelope`` is a decoded envelope: a dict, or the typed struct of
+    :func:`ranklog.wire.decode_journaled_record` (the same names, as attributes).
     ``start`` and ``end`` are where the record's entry lies in the journal: backends and
     their policies use them to know what they already wrote, and where to resume.
     """
+    get = envelope.__getitem__ if type(envelope) is dict else envelope.__getattribute__
     attrs = _TEMPLATE.copy()
-    attrs.update(envelope["extra"])  # first: the fields below always win
-    level = envelope["level"]
-    created = envelope["time"]
-    attrs["name"] = envelope["logger"]
-    attrs["msg"] = envelope["msg"]
+    attrs.update(get("extra"))  # first: the fields below always win
+    level = get("level")
+    created = get("time")
+    attrs["name"] = get("logger")
+    attrs["msg"] = get("msg")
     attrs["levelno"] = level
     attrs["levelname"] = logging.getLevelName(level)
     attrs["created"] = created
     attrs["msecs"] = (created - int(created)) * 1000
     attrs["relativeCreated"] = (created - _START) * 1000
-    attrs["process"] = envelope["pid"]
-    attrs["step"] = envelope["step"]
-    attrs["hparams"] = envelope["hparams"]
-    attrs["rank"] = envelope["rank"]
-    attrs["local_rank"] = envelope["local_rank"]
-    attrs["world_size"] = envelope["world_size"]
-    attrs["host"] = envelope["host"]
-    attrs["run_id"] = envelope["run"]
+    attrs["process"] = get("pid")
+    attrs["step"] = get("step")
+    attrs["hparams"] = get("hparams")
+    attrs["rank"] = get("rank")
+    attrs["local_rank"] = get("local_rank")
+    attrs["world_size"] = get("world_size")
+    attrs["host"] = get("host")
+    attrs["run_id"] = get("run")
     attrs[OFFSET_ATTR] = end
     attrs[START_ATTR] = start
     record = logging.LogRecord.__new__(logging.LogRecord)

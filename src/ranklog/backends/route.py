@@ -31,18 +31,29 @@ class Route:
         reached = self._cache.get(key)
         if reached is None:
             origin = logging.getLogger(record.name)
-            reached = self._walk(origin, record)
+            reached = self._walk(origin, record.levelno, record)
             if not origin.filters:  # else it depends on the record
                 self._cache[key] = reached
         return reached
 
-    def _walk(self, origin: logging.Logger, record: logging.LogRecord) -> bool:
-        if origin.disabled or not origin.filter(record):
+    def reaches_logger(self, name: str, level: int) -> bool | None:
+        """:meth:`reaches` for a record logged on ``name`` at ``level``, without the record;
+        None if the answer depends on the record (the logger has filters)."""
+        reached = self._cache.get((name, level))
+        if reached is None:
+            origin = logging.getLogger(name)
+            if origin.filters:
+                return None
+            reached = self._cache[(name, level)] = self._walk(origin, level, None)
+        return reached
+
+    def _walk(self, origin: logging.Logger, level: int, record: logging.LogRecord | None) -> bool:
+        if origin.disabled or (record is not None and not origin.filter(record)):
             return False
         logger: logging.Logger | None = origin
         while logger is not None:
             if id(logger) in self._attached:
-                return record.levelno >= self.level
+                return level >= self.level
             if not logger.propagate:
                 return False
             logger = logger.parent

@@ -16,7 +16,10 @@ from ranklog.errors import ConfigError
 from ranklog.wire import MAX_FRAME_BYTES
 
 _log = logging.getLogger(__name__)
-_BATCH_FRAMES = 4096  # frames received (and their records journaled and fsynced) together
+# Frames received (and their records journaled and fsynced) together. Each pass holds its
+# decoded envelopes (about 2.5 KB a record) until the fsync: 1,024 stay in the CPU's caches,
+# 4,096 did not (the receive loop's CPU per record was a quarter higher).
+_BATCH_FRAMES = 1024
 
 
 class Router:
@@ -83,11 +86,18 @@ class Router:
         if not self._sock.poll(timeout_ms, zmq.POLLIN):
             return messages
         frames = 0
+        # recv_multipart, less its per-part getsockopt(RCVMORE) (a third of its time): a
+        # part says itself whether more follow.
+        recv, no_block = self._sock.recv, zmq.NOBLOCK
         while frames < _BATCH_FRAMES:
             try:
-                route, *payload = self._sock.recv_multipart(zmq.NOBLOCK)
+                part = recv(no_block, copy=False)
             except zmq.Again:
                 break
+            route, payload = part.bytes, []
+            while part.more:
+                part = recv(no_block, copy=False)
+                payload.append(part.bytes)
             messages.append((route, payload))
             frames += len(payload)
         return messages
