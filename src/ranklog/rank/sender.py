@@ -250,6 +250,14 @@ class Sender:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        # The same, less the socket: while records are in flight and the window has room,
+        # the thread looks at acknowledgements once a poll interval, not as each arrives.
+        # Each look takes the GIL from the training thread (which then waits a switch
+        # interval or more); the collector acknowledges small batches within about a
+        # millisecond, so at training cadence that was once or twice per logging call.
+        paced = zmq.Poller()
+        paced.register(self._wake_r, zmq.POLLIN)
+        paced.register(monitor, zmq.POLLIN)
         beat = settings.heartbeat_interval
         wait_ms = poll_ms
         greeted = False
@@ -257,11 +265,13 @@ class Sender:
         told = (0, 0, 0)  # the counters the last heartbeat carried
         self.resend.heard_at = self.resend.advanced_at = time.monotonic()
         while True:
-            ready = dict(poller.poll(wait_ms))
+            in_flight = self.outbox.in_flight()
+            pace = 0 < in_flight < settings.max_in_flight and not self.ending.closing.is_set()
+            ready = dict((paced if pace else poller).poll(wait_ms))
             self.asleep = False
             if monitor in ready:
                 self._on_connection_events(monitor)
-            if sock in ready:
+            if pace or sock in ready:
                 self._read_acks(sock)
             if self._wake_r in ready:
                 self._drain_wake_pipe()
