@@ -123,3 +123,24 @@ class TestKilledWhileClosing:
         assert c.wait(60) == 0, c.log()  # the goodbye (spilled) ended it, not a silence
         assert "ingested spill" in c.log(), c.log()
         assert_exactly_once(out, 1, records)
+
+
+def test_exit_waits_only_for_the_spills_of_its_own_ranks(
+    collector: Callable[..., CollectorProcess], tmp_path: Path
+) -> None:
+    """A spill file some other live process holds (locked) does not keep a collector whose
+    ranks delivered everything from exiting; it stays for a later ingest."""
+    out = tmp_path / "out"
+    folder = spill_path(out)
+    folder.mkdir(parents=True)
+    foreign = folder / "other-job.spill"
+    foreign.write_bytes(b"")
+    with open(foreign, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        c = collector("--world-size", "1", "--exit-when-done", output_dir=out)
+        rank = start_rank(c.endpoint, 0, 1, 200)
+        rank.communicate(timeout=60)
+        assert rank.returncode == 0
+        assert c.wait(5) == 0, c.log()  # the wait for its own ranks' spills is 10 s
+    assert foreign.exists()
+    assert_exactly_once(out, 1, 200)

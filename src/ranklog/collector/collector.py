@@ -65,9 +65,11 @@ def serve(
                 if on_listening is not None:
                     on_listening(router.endpoint)
                 _serve(router, store, settings, stop, watch)
-                # What the last ranks left: a rank that spilled lets go of its file as it
-                # exits, just after its goodbye.
-                ingest_spills(store, time.monotonic(), wait=_SPILL_WAIT_AT_EXIT)
+                # What the last ranks left: a rank whose goodbye says it spilled lets go of
+                # its file as it exits, just after the goodbye. No wait for other files.
+                spilled = any(peer.live and peer.spilled for peer in store.ranks)
+                wait = _SPILL_WAIT_AT_EXIT if spilled else 0.0
+                ingest_spills(store, time.monotonic(), wait=wait)
             finally:
                 watch.close()
     finally:
