@@ -75,6 +75,18 @@ class TestOneLineErrors:
         proc = ranklog("collect", "--output-dir", str(blocker / "out"))
         self._one_line(proc, 2, "cannot write to the output dir", str(blocker / "out"))
 
+    def test_replay_while_a_collector_serves_the_dir(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        """Two writers of the same backend files would write records twice."""
+        out = tmp_path / "out"
+        c = collector(output_dir=out)
+        proc = ranklog("replay", "--output-dir", str(out))
+        self._one_line(proc, 2, f"pid {c.proc.pid}", str(out), "after it stops")
+        c.terminate()
+        assert c.wait(30) == 0
+        assert ranklog("replay", "--output-dir", str(out)).returncode == 0
+
     def test_version_and_defaults_in_help(self) -> None:
         assert ranklog("--version").stdout.startswith("ranklog ")
         out = " ".join(ranklog("collect", "--help").stdout.split())  # however it wraps

@@ -124,12 +124,18 @@ def replay(settings: BackendSettings, *, from_start: bool = False) -> int:
     """Bring the backends up to date from the journal without listening: backfill a
     backend added later, or one that failed; ingest what ranks spilled first (unless a
     collector serves the dir: it does that itself). ``from_start`` rebuilds them from the
-    journal's first entry. Returns 0 if every backend drained."""
+    journal's first entry. Returns 0 if every backend drained.
+
+    Refused (ConfigError) while a collector serves the dir: its backends follow the journal
+    already, and two writers of the same files would write records twice."""
+    pid = ownership.live_owner(settings.output_path)
+    if pid is not None:
+        raise ConfigError(
+            f"a collector (pid {pid}) is serving {settings.output_dir} and keeps its backends "
+            "up to date; run `ranklog replay` after it stops"
+        )
     store = Store(settings, from_start=from_start)
-    if ownership.live_owner(settings.output_path):
-        _log.info("a collector serves %s; it ingests spilled records itself", settings.output_dir)
-    else:
-        ingest_spills(store, time.monotonic())
+    ingest_spills(store, time.monotonic())
     return 0 if store.close() else 1
 
 

@@ -39,10 +39,13 @@ def claim(output_dir: Path) -> bool:
     return previous is not None
 
 
-def live_owner(output_dir: Path) -> bool:
-    """A collector (on this host) is serving ``output_dir`` now."""
+def live_owner(output_dir: Path) -> int | None:
+    """The pid of the collector (on this host) serving ``output_dir`` now, if one is."""
     previous = _read(output_dir / STATE_DIR / MARKER)
-    return previous is not None and _alive(previous)
+    if previous is None or not _alive(previous):
+        return None
+    pid = previous.get("pid")
+    return pid if isinstance(pid, int) else None
 
 
 def release(output_dir: Path) -> None:
