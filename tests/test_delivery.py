@@ -465,16 +465,20 @@ class TestBackpressure:
         (tmp_path / "logging.json").write_text(json.dumps(config))
         c = collector("--config", str(tmp_path / "logging.json"), "--drain-timeout", "2",
                       output_dir=out, env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
+        # Warm-up (steps apart from the burst's): what the first records allocate for good
+        # (decoders, buffers, the allocator's arenas) is not backlog.
+        finish(start_ranks(c.endpoint, 4, 500, "--first-step", "100000"))
         rss_before = rss_kib(c.proc.pid)
         finish(start_ranks(c.endpoint, 4, 5_000))  # every record acknowledged: journaled
         rss_after = rss_kib(c.proc.pid)
         files = [out / f"training_params_and_metrics_global{rank}.jsonl" for rank in range(4)]
         written = sum(_lines(f) for f in files)
         print(f"collector RSS {rss_before} KiB -> {rss_after} KiB; {written} lines written")
-        assert written < 20_000  # the slow backend is behind: its backlog is in the journal
+        assert written < 22_000  # the slow backend is behind: its backlog is in the journal
+        # Held in memory, the 20,000 records behind would take about 50 MiB.
         assert rss_after - rss_before < 24 * 1024, (rss_before, rss_after)
         # The slow backend catches up from the journal.
-        wait_for(lambda: all(_lines(f) == 5_000 for f in files), 60)
+        wait_for(lambda: all(_lines(f) == 5_500 for f in files), 60)
         c.terminate()
         assert c.wait(60) == 1  # the hung backend is abandoned, by name
         assert "backend hung did not drain" in c.log()
