@@ -5,6 +5,7 @@
 The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``, ``env``
 (variables the script itself sets before setup) and ``steps`` (default 20); each rank then
 logs ``{"loss": ...}`` per step, sleeping ``step_delay`` seconds (default 0) after each.
+``fail_rank``: that rank exits with an error before its setup (a script that fails early).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def main() -> int:
     os.environ.update(spec.get("env", {}))  # settings a user makes in the training script
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if rank == spec.get("fail_rank"):
+        time.sleep(2)  # rank 0 starts the collector meanwhile
+        raise SystemExit(f"rank {rank} fails on purpose before its setup")
     setup_metric_logger(*spec.get("args", []), **spec.get("kwargs", {}))
     metrics = logging.getLogger("instructlab.training.metrics")
     metrics.info({"lr": 0.1}, extra={"hparams": True})

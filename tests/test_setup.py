@@ -27,7 +27,7 @@ from ranklog.rank.embedded import EmbeddedCollector
 from ranklog.rank.setup import _plan
 from tests.conftest import read_jsonl, start_collector
 from tests.ranks import start_rank
-from tests.test_delivery import tensorboard_loss_steps
+from tests.test_delivery import tensorboard_loss_steps, wait_for
 from tests.wandb_reader import offline_runs, read_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,24 @@ class TestSetupFailsFast:
         assert proc.returncode != 0
         assert "the embedded ranklog collector could not start: cannot listen on" in proc.stderr
         assert str(out / "ranklog-collector.log") in proc.stderr
+
+    def test_a_job_that_fails_at_start_does_not_leave_its_collector_behind(
+        self, tmp_path: Path
+    ) -> None:
+        """Rank 1 fails before its setup; torchrun stops rank 0, which started the
+        collector. The collector must not wait for a rank that will never come: it exits,
+        and the same job runs into the same output dir right after."""
+        out = tmp_path / "out"
+        spec = {"args": [str(out)], "fail_rank": 1, "steps": 600, "step_delay": 0.05}
+        failed = torchrun_job(spec, timeout=120)
+        assert failed.returncode != 0
+        marker = out / ".ranklog" / "collector.json"
+        wait_for(lambda: not marker.exists(), 30)
+        proc = torchrun_job({"args": [str(out)], "steps": 5}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for rank in (0, 1):  # rank 0 of the failed job may have logged some steps too
+            rows = read_jsonl(out / f"training_params_and_metrics_global{rank}.jsonl")
+            assert [row["step"] for row in rows if "loss" in row][-5:] == list(range(5))
 
     def test_unknown_run_name_placeholder(self) -> None:
         with pytest.raises(ConfigError, match=r"\{rnak\}|unknown placeholder"):

@@ -128,6 +128,14 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
         "(default: as long as it takes; a job may load its model for a long time)",
     )
     collect.add_argument(
+        "--parent-pid",
+        type=int,
+        default=ServeSettings.parent_pid,
+        help="with --exit-when-done: the process that started this collector for its job (the "
+        "embedded default passes rank 0's); once it has exited, ranks never heard count as "
+        "gone and a rank silent for 10s does too",
+    )
+    collect.add_argument(
         "--silence-timeout",
         type=float,
         default=ServeSettings.silence_timeout,

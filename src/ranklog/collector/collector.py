@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -98,6 +99,8 @@ def _serve(
     status.stragglers = watch.progress.stragglers
     last_message_at = 0.0
     scan_at = now + _SPILL_SCAN
+    # Still our parent? (Once it exits, this process is handed to another.)
+    parent_pid = settings.parent_pid if settings.exit_when_done else None
     while not stop.is_set():
         messages = router.receive(_POLL_MS)
         if messages:
@@ -112,6 +115,9 @@ def _serve(
         if now >= scan_at:
             scan_at = now + _SPILL_SCAN
             ingest_spills(store, now)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            liveness.parent_exited(parent_pid)
+            parent_pid = None
         store.events.write(liveness.newly_silent(now))
         store.events.write(watch.tick(now))
         status.tick(now)

@@ -11,6 +11,7 @@ from ranklog.reporting import ReportOnce
 _log = logging.getLogger(__name__)
 _QUIET_BEFORE_EXIT = 0.3
 _LONGEST_WAIT_FOR_QUIET = 3.0
+SILENCE_AFTER_PARENT = 10.0  # a rank sends a heartbeat every second while it lives
 
 
 class Liveness:
@@ -53,6 +54,19 @@ class Liveness:
                 event("rank_silent", rank=peer.rank, pid=peer.pid, last_step=peer.last_step)
             )
         return events
+
+    def parent_exited(self, pid: int) -> None:
+        """The process that started this collector for its job has exited (rank 0, or
+        whatever started it): ranks not heard yet never will be, and a rank silent for a
+        few seconds is gone, not only after ``silence_timeout``."""
+        self.connect_timeout = 0.0
+        self.silence_timeout = min(self.silence_timeout, SILENCE_AFTER_PARENT)
+        _log.info(
+            "the process that started this collector (pid %d) has exited; ranks not heard "
+            "from within %gs count as gone",
+            pid,
+            self.silence_timeout,
+        )
 
     def may_exit(self, now: float, last_message_at: float) -> bool:
         """Every rank is done, and the ranks are quiet: a rank whose last ack went missing

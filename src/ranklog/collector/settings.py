@@ -119,6 +119,10 @@ class ServeSettings:
     # With exit_when_done: how long a rank that never connected is waited for (None: as
     # long as it takes).
     connect_timeout: float | None = None
+    # The process that started this collector for its job (the embedded default: rank 0).
+    # Once it has exited, no new rank will connect and a rank silent for a few seconds is
+    # gone (a job that failed at start must not leave its collector waiting forever).
+    parent_pid: int | None = None
     status_interval: float = 30.0
     allow_remote: bool = False
     curve_secret: Path | None = None  # the collector's own key pair (``ranklog keys``)

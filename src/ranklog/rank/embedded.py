@@ -3,6 +3,7 @@ until it listens, or fails with the collector's own words."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ class EmbeddedCollector:
                    "--bind", bind_address_for(self.endpoint),
                    "--output-dir", str(self.output_dir),
                    "--world-size", str(self.world_size),
-                   "--exit-when-done", *self.args]  # fmt: skip
+                   "--exit-when-done", "--parent-pid", str(os.getpid()),
+                   *self.args]  # fmt: skip
         if not is_local_only(self.endpoint):
             command.append("--allow-remote")
         return command
