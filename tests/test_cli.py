@@ -87,6 +87,10 @@ class TestOneLineErrors:
         assert c.wait(30) == 0
         assert ranklog("replay", "--output-dir", str(out)).returncode == 0
 
+    def test_unknown_run_name_placeholder(self, tmp_path: Path) -> None:
+        proc = ranklog("collect", "--output-dir", str(tmp_path), "--run-name", "{tme}")
+        self._one_line(proc, 2, "run name '{tme}': unknown placeholder")
+
     def test_version_and_defaults_in_help(self) -> None:
         assert ranklog("--version").stdout.startswith("ranklog ")
         out = " ".join(ranklog("collect", "--help").stdout.split())  # however it wraps

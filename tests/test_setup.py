@@ -160,6 +160,14 @@ class TestSetupFailsFast:
             rows = read_jsonl(out / f"training_params_and_metrics_global{rank}.jsonl")
             assert [row["step"] for row in rows if "loss" in row][-5:] == list(range(5))
 
+    def test_a_misspelled_keyword_names_the_function_and_a_suggestion(self) -> None:
+        with pytest.raises(
+            ConfigError,
+            match=r"setup_metric_logger\(\) got unknown argument\(s\): "
+            r"'tensorbord_log_dir' \(did you mean 'tensorboard_log_dir'\?\)",
+        ):
+            setup_metric_logger("out", tensorbord_log_dir="tb", endpoint="tcp://127.0.0.1:9")
+
     def test_unknown_run_name_placeholder(self) -> None:
         with pytest.raises(ConfigError, match=r"\{rnak\}|unknown placeholder"):
             setup_metric_logger("async", "run_{rnak}", endpoint="tcp://127.0.0.1:9")

@@ -17,7 +17,12 @@ from pathlib import Path
 
 from ranklog.endpoints import is_local_only
 from ranklog.errors import ConfigError
-from ranklog.names import DEFAULT_POLICY_TIMEOUT, parse_logger_types, parse_policy_spec
+from ranklog.names import (
+    DEFAULT_POLICY_TIMEOUT,
+    check_run_name,
+    parse_logger_types,
+    parse_policy_spec,
+)
 from ranklog.pipe import BackendSpec
 
 # Defaults of ``ranklog collect``'s flags, so the embedded collector (started by
@@ -74,6 +79,7 @@ class BackendSettings:
     retention_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
+        check_run_name(self.run_name)
         object.__setattr__(self, "loggers", parse_logger_types(self.logger_types))
         object.__setattr__(self, "policies", parse_policy_spec(self.policy))
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import shutil
@@ -103,6 +105,7 @@ def setup_metric_logger(
     >>> setup_metric_logger("logs", wandb_project="p", tensorboard_log_dir="logs/tb")
     ... # doctest: +SKIP
     """
+    _check_handler_arguments(handler_kwargs)
     options = {
         "tensorboard_log_dir": None if tensorboard_log_dir is None else str(tensorboard_log_dir),
         "wandb_project": wandb_project,
@@ -126,6 +129,21 @@ def setup_metric_logger(
         handler_kwargs = {"spill_dir": spill_path(plan.output_dir), **handler_kwargs}
         return _attach(explicit, logger_name, level, handler_kwargs)
     return _embedded(identity, plan, logger_name, level, handler_kwargs)
+
+
+def _check_handler_arguments(handler_kwargs: Mapping[str, Any]) -> None:
+    """Keywords setup does not take itself go to the handler: a misspelled one (say
+    ``tensorbord_log_dir``) fails here, on every rank, before anything starts."""
+    handler = set(inspect.signature(ZMQSocketHandler).parameters) - {"endpoint", "level"}
+    unknown = [name for name in handler_kwargs if name not in handler]
+    if not unknown:
+        return
+    known = [*inspect.signature(setup_metric_logger).parameters, *handler]
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"setup_metric_logger() got unknown argument(s): {', '.join(hints)}")
 
 
 def _embedded(
