@@ -278,6 +278,29 @@ class TestReplay:
         assert rows[0] == {"written_by": "someone else"}
         assert [row["step"] for row in rows[1:]] == list(range(300))
 
+    def test_a_copied_output_dir_replays_its_own_files_only(self, tmp_path: Path) -> None:
+        """A collector started with a relative --output-dir; the dir is copied and the copy
+        rebuilt (--from-start) from the same working dir: the original's files are not
+        touched (its checkpoint once named them relative to the working dir)."""
+        endpoint = f"ipc://{tmp_path}/c.ipc"
+        collect = subprocess.Popen(
+            [sys.executable, "-m", "ranklog", "collect", "--bind", endpoint, "--output-dir",
+             "run", "--world-size", "2", "--exit-when-done", "--logger-type", "async"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        finish(start_ranks(endpoint, 2, 300))
+        assert collect.wait(60) == 0
+        shutil.copytree(tmp_path / "run", tmp_path / "copy")
+        rebuilt = subprocess.run(
+            [sys.executable, "-m", "ranklog", "replay", "--output-dir", "copy", "--from-start",
+             "--logger-type", "async"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert "shorter than at its last checkpoint" not in rebuilt.stderr
+        assert_exactly_once(tmp_path / "run", 2, 300)
+        assert_exactly_once(tmp_path / "copy", 2, 300)
+
 
 class TestBackendProcessDies:
     """The backends run in a child process; if it dies, the journal still takes everything."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,15 +34,38 @@ def load(path: Path, backend: str) -> dict[str, Any] | None:
     try:
         saved = json.loads(path.read_text())
         int(saved["offset"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _with_files(saved, lambda name: os.path.join(_output_dir(path), name))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         _log.warning("backend %s: checkpoint %s unreadable (%s)", backend, path, exc)
         return None
-    return saved  # type: ignore[no-any-return]
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Replace the checkpoint atomically; an OSError (a full disk) reaches the caller."""
+    """Replace the checkpoint atomically; an OSError (a full disk) reaches the caller.
+
+    Files in the output dir are listed relative to it: a copied or moved output dir (or
+    ``ranklog replay`` from elsewhere) resumes with its own files, never the original's."""
+    base = _output_dir(path)
+    state = _with_files(state, lambda name: _relative_inside(name, base))
     write_durably(path, json.dumps(state).encode())
+
+
+def _output_dir(checkpoint_path: Path) -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+
+
+def _relative_inside(name: str, base: str) -> str:
+    relative = os.path.relpath(name, base) if os.path.isabs(name) else name
+    return name if relative.startswith(os.pardir) else relative
+
+
+def _with_files(state: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    """``state`` with the file names of its handler state passed through ``rename``."""
+    backend = state.get("backend")
+    if not backend or not backend.get("files"):
+        return state
+    files = {rename(name): size for name, size in backend["files"].items()}
+    return {**state, "backend": {**backend, "files": files}}
 
 
 def needed_from(saved: dict[str, Any]) -> int:

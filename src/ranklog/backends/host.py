@@ -69,14 +69,24 @@ class _Retention:
             )
 
 
+def _absolute(path: str) -> str:
+    return str(Path(path).absolute())
+
+
 def _serve(spec: BackendSpec, ready: TextIO) -> int:
     from ranklog.backends.registry import install_backends, load_config_file, metric_logging_config
 
-    output_dir = Path(spec.output_dir)
+    # Absolute paths: the files a checkpoint lists must not depend on where the collector
+    # was started (checkpoint.py stores those in the output dir relative to it).
+    output_dir = Path(spec.output_dir).absolute()
+    options = {
+        backend: {arg: _absolute(v) if arg == "log_dir" else v for arg, v in args.items()}
+        for backend, args in spec.options.items()
+    }
     config = (
         load_config_file(spec.config)
         if spec.config
-        else metric_logging_config(spec.loggers, spec.run_name, output_dir, spec.options)
+        else metric_logging_config(spec.loggers, spec.run_name, output_dir, options)
     )
     backends = install_backends(
         config,
