@@ -91,6 +91,14 @@ class TestOneLineErrors:
         proc = ranklog("collect", "--output-dir", str(tmp_path), "--run-name", "{tme}")
         self._one_line(proc, 2, "run name '{tme}': unknown placeholder")
 
+    def test_replay_of_a_dir_no_collector_wrote(self, tmp_path: Path) -> None:
+        typo = tmp_path / "ouput"
+        proc = ranklog("replay", "--output-dir", str(typo))
+        self._one_line(proc, 2, "nothing to replay", str(typo), "does not exist")
+        assert not typo.exists()
+        proc = ranklog("replay", "--output-dir", str(tmp_path))
+        self._one_line(proc, 2, "nothing to replay", f"{tmp_path} holds no .ranklog/")
+
     def test_version_and_defaults_in_help(self) -> None:
         assert ranklog("--version").stdout.startswith("ranklog ")
         out = " ".join(ranklog("collect", "--help").stdout.split())  # however it wraps

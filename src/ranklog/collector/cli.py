@@ -311,7 +311,8 @@ def _run(args: argparse.Namespace) -> int:
         run = partial(replay, _settings(BackendSettings, args), from_start=args.from_start)
     if args.config is not None:
         _check_readable(Path(args.config))
-    _check_output_dir(Path(args.output_dir))
+    if args.command == "collect" or Path(args.output_dir).is_dir():  # replay makes none
+        _check_output_dir(Path(args.output_dir))
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return run()

@@ -20,6 +20,7 @@ from ranklog.collector.spills import ingest_spills
 from ranklog.collector.status import Watch
 from ranklog.collector.store import Store
 from ranklog.errors import ConfigError
+from ranklog.journal import STATE_DIR
 
 _log = logging.getLogger(__name__)
 _POLL_MS = 100
@@ -134,6 +135,12 @@ def replay(settings: BackendSettings, *, from_start: bool = False) -> int:
 
     Refused (ConfigError) while a collector serves the dir: its backends follow the journal
     already, and two writers of the same files would write records twice."""
+    if not (settings.output_path / STATE_DIR).is_dir():
+        missing = not settings.output_path.exists()
+        raise ConfigError(
+            f"nothing to replay: {settings.output_dir} "
+            + ("does not exist" if missing else f"holds no {STATE_DIR}/ (no collector wrote there)")
+        )
     pid = ownership.live_owner(settings.output_path)
     if pid is not None:
         raise ConfigError(
@@ -141,8 +148,9 @@ def replay(settings: BackendSettings, *, from_start: bool = False) -> int:
             "up to date; run `ranklog replay` after it stops"
         )
     store = Store(settings, from_start=from_start)
-    ingest_spills(store, time.monotonic())
-    return 0 if store.close() else 1
+    spilled = ingest_spills(store, time.monotonic())
+    what = f"replay finished (backends: {', '.join(store.backends.names) or 'none'})"
+    return 0 if store.close(f"{what}; spill files" if spilled else what) else 1
 
 
 class Collector:

@@ -194,13 +194,13 @@ class Store:
         """Let the backends read on to what is durable."""
         self.backends.advance(self.journal.durable_end)
 
-    def close(self) -> bool:
-        """Drain the backends (within the drain timeout), report, close the journal; True
-        if every backend drained and closed."""
+    def close(self, what: str = "collector stopped") -> bool:
+        """Drain the backends (within the drain timeout), report (``what`` ended), close the
+        journal; True if every backend drained and closed."""
         try:
             clean = self.backends.drain(self.journal.durable_end, self.settings.drain_timeout)
             log_status(self.stats, self.ranks, 0.0)
-            _log.info("collector stopped: %d records accepted", self.stats.accepted)
+            _log.info("%s: %d records accepted", what, self.stats.accepted)
         finally:
             try:
                 self.journal.close()
