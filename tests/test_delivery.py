@@ -421,7 +421,12 @@ class TestFullDisk:
         time.sleep(2)
         assert all(proc.poll() is None for proc in ranks)  # ranks hold their records
         filler.unlink()
-        assert all(s["held"] == 0 for s in finish(ranks))
+        outputs = [proc.communicate(timeout=120) for proc in ranks]
+        assert all(proc.returncode == 0 for proc in ranks), outputs
+        assert all(json.loads(out.splitlines()[-1])["held"] == 0 for out, _ in outputs)
+        for _, err in outputs:  # each rank said so on its terminal, then that it was over
+            assert "cannot keep records now: its journal cannot be written" in err, err
+            assert "keeps records again" in err, err
         assert c.wait(timeout=60) == 0, c.log()
         events = [
             json.loads(line)

@@ -94,9 +94,11 @@ class BackendRunner(BackendFeed):
             self.abandoned = True
             _log.error(
                 "backend %s did not drain within the drain bound; abandoning it %.1f MiB "
-                "short of the journal's end",
+                "short of the journal's end (the journal keeps it: `ranklog replay "
+                "--output-dir DIR --logger-type %s` writes the rest)",
                 self.name,
                 (self._durable_end - self.offset) / (1 << 20),
+                self.name,
             )
             return False
         return self._closed_cleanly

@@ -107,3 +107,37 @@ class SilenceNotice:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+class RefusalNotice:
+    """Warns once (stderr, RuntimeWarning) when the collector says it received records it
+    could not keep (its journal cannot be written: a full disk), and once when it keeps them
+    again: meanwhile the records wait in the rank's buffer, which may fill."""
+
+    def __init__(self, rank: int, endpoint: str, collector_log: str | None) -> None:
+        self.rank = rank
+        self.endpoint = endpoint
+        self.collector_log = collector_log
+        self.warned = False
+
+    def refused(self) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        log = f" (see {self.collector_log})" if self.collector_log else " (see its log)"
+        warnings.warn(
+            f"ranklog: rank {self.rank}: the collector at {self.endpoint} cannot keep records "
+            f"now: its journal cannot be written{log}, a full disk perhaps; they wait in the "
+            "rank's buffer and are sent again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def kept(self) -> None:
+        if self.warned:
+            self.warned = False
+            warnings.warn(
+                f"ranklog: rank {self.rank}: the collector at {self.endpoint} keeps records again",
+                RuntimeWarning,
+                stacklevel=2,
+            )

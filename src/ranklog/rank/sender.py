@@ -29,7 +29,7 @@ from ranklog.rank.curve import CurveKeys, curve_keys
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import RankIdentity
 from ranklog.rank.outbox import Outbox, Pending
-from ranklog.rank.resend import ResendRule, SilenceNotice
+from ranklog.rank.resend import RefusalNotice, ResendRule, SilenceNotice
 from ranklog.rank.settings import Lock, SenderSettings
 from ranklog.rank.system import SystemSampler, system_metrics_wanted
 from ranklog.rank.system import system_interval as system_interval_or_default
@@ -107,6 +107,7 @@ class Sender:
         self.silence = SilenceNotice(
             identity.rank, endpoint, self.settings.silence_warning, self.collector_log
         )
+        self.refusal = RefusalNotice(identity.rank, endpoint, self.collector_log)
         self._system_args = (system_metrics, system_interval)
         self.system = (
             SystemSampler(system_interval_or_default(system_interval), identity.local_rank)
@@ -424,3 +425,7 @@ class Sender:
                     refused = type(got) is int and got > ack["seq"]
                     self.resend.heard(time.monotonic(), advanced=advanced, refused=refused)
                     self.silence.heard()
+                    if refused:
+                        self.refusal.refused()
+                    elif advanced:
+                        self.refusal.kept()
