@@ -176,7 +176,11 @@ def _report(sender: Sender) -> None:
             ".ranklog/spill/ folder (move the file there if it is elsewhere)"
         )
     elif records:
-        text += f"; {records} record(s) are lost: they could not be spilled ({ending.spill_error})"
+        text += (
+            f"; {records} record(s) unacknowledged could not be spilled either "
+            f"({ending.spill_error}): those the collector did not journal before it stopped "
+            "answering are lost"
+        )
     if dropped:
         text += f"; and it dropped {dropped} record(s) because its buffer was full"
     warnings.warn(text, RuntimeWarning, stacklevel=4)
