@@ -164,8 +164,8 @@ class TestCollectorCrash:
         c.terminate(signal.SIGKILL)
         c.wait(10)
         sizes = checkpointed_sizes()
-        shortened = next(iter(sizes))
-        os.truncate(shortened, sizes[shortened] // 2)  # the tail the disk never got
+        shortened = next(iter(sizes))  # named relative to the output dir
+        os.truncate(out / shortened, sizes[shortened] // 2)  # the tail the disk never got
         c = collector(*args, bind=endpoint, output_dir=out)
         finish(ranks)
         assert c.wait(timeout=60) == 0, c.log()
