@@ -74,45 +74,9 @@ class ResendRule:
         return True
 
 
-class SilenceNotice:
-    """Warns once (stderr, RuntimeWarning) when records wait and no collector answered for
-    ``after`` seconds, naming the endpoint (and the collector's log, if known), and says so
-    again once one answers."""
-
-    def __init__(self, rank: int, endpoint: str, after: float, collector_log: str | None) -> None:
-        self.rank = rank
-        self.endpoint = endpoint
-        self.after = after
-        self.collector_log = collector_log
-        self.warned = False
-
-    def check(self, now: float, heard_at: float, waiting: int) -> None:
-        if self.warned or not waiting or self.after <= 0 or now - heard_at < self.after:
-            return
-        self.warned = True
-        log = f"; the collector's log: {self.collector_log}" if self.collector_log else ""
-        warnings.warn(
-            f"ranklog: rank {self.rank}: no collector has answered at {self.endpoint} for "
-            f"{now - heard_at:.0f}s; {waiting} record(s) wait in the rank's buffer (is the "
-            f"collector running?{log})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-    def heard(self) -> None:
-        if self.warned:
-            self.warned = False
-            warnings.warn(
-                f"ranklog: rank {self.rank}: the collector at {self.endpoint} answers again",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-
-
-class RefusalNotice:
-    """Warns once (stderr, RuntimeWarning) when the collector says it received records it
-    could not keep (its journal cannot be written: a full disk), and once when it keeps them
-    again: meanwhile the records wait in the rank's buffer, which may fill."""
+class _Notice:
+    """A condition the rank warns of once (stderr, RuntimeWarning) and once more when it is
+    over, naming the endpoint (and the collector's log, if known)."""
 
     def __init__(self, rank: int, endpoint: str, collector_log: str | None) -> None:
         self.rank = rank
@@ -120,24 +84,55 @@ class RefusalNotice:
         self.collector_log = collector_log
         self.warned = False
 
+    def _begin(self, what: str) -> None:
+        if not self.warned:
+            self.warned = True
+            self._say(what)
+
+    def _end(self, what: str) -> None:
+        if self.warned:
+            self.warned = False
+            self._say(what)
+
+    def _say(self, what: str) -> None:
+        # stacklevel: the sender thread's line that noticed (through _begin/_end and the
+        # public method), as a direct warn there would show.
+        warnings.warn(f"ranklog: rank {self.rank}: {what}", RuntimeWarning, stacklevel=4)
+
+
+class SilenceNotice(_Notice):
+    """Records wait and no collector answered for ``after`` seconds."""
+
+    def __init__(self, rank: int, endpoint: str, after: float, collector_log: str | None) -> None:
+        super().__init__(rank, endpoint, collector_log)
+        self.after = after
+
+    def check(self, now: float, heard_at: float, waiting: int) -> None:
+        if self.warned or not waiting or self.after <= 0 or now - heard_at < self.after:
+            return
+        log = f"; the collector's log: {self.collector_log}" if self.collector_log else ""
+        self._begin(
+            f"no collector has answered at {self.endpoint} for {now - heard_at:.0f}s; "
+            f"{waiting} record(s) wait in the rank's buffer (is the collector running?{log})"
+        )
+
+    def heard(self) -> None:
+        self._end(f"the collector at {self.endpoint} answers again")
+
+
+class RefusalNotice(_Notice):
+    """The collector says it received records it could not keep (its journal cannot be
+    written: a full disk); meanwhile they wait in the rank's buffer, which may fill."""
+
     def refused(self) -> None:
         if self.warned:
             return
-        self.warned = True
         log = f" (see {self.collector_log})" if self.collector_log else " (see its log)"
-        warnings.warn(
-            f"ranklog: rank {self.rank}: the collector at {self.endpoint} cannot keep records "
-            f"now: its journal cannot be written{log}, a full disk perhaps; they wait in the "
-            "rank's buffer and are sent again",
-            RuntimeWarning,
-            stacklevel=2,
+        self._begin(
+            f"the collector at {self.endpoint} cannot keep records now: its journal cannot "
+            f"be written{log}, a full disk perhaps; they wait in the rank's buffer and are "
+            "sent again"
         )
 
     def kept(self) -> None:
-        if self.warned:
-            self.warned = False
-            warnings.warn(
-                f"ranklog: rank {self.rank}: the collector at {self.endpoint} keeps records again",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        self._end(f"the collector at {self.endpoint} keeps records again")
