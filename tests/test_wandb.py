@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import time
+import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wandb
 
 from ranklog import WandbHandler
+from ranklog.backends.wandb_log import records
 from tests.conftest import CollectorProcess, read_jsonl, run_all_backends
 from tests.test_policy import rec, tb_scalars
 from tests.wandb_reader import WandbRun, offline_runs, read_run
@@ -30,18 +33,26 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
 
 
 def only_run(log_dir: Path) -> WandbRun:
-    """The one run under ``log_dir``, once complete on disk.
-
-    wandb's service writes the log behind ``finish()`` by some milliseconds (it is
-    complete once the process that ran wandb exits); wait for the run's exit record.
-    """
+    """The one run under ``log_dir``, read at once: complete once ``close()`` returned."""
     (run_dir,) = offline_runs(log_dir)
-    deadline = time.monotonic() + 10
-    run = read_run(run_dir)
-    while not run.finished and time.monotonic() < deadline:
-        time.sleep(0.02)
-        run = read_run(run_dir)
-    return run
+    return read_run(run_dir)
+
+
+class Thing:
+    """An object W&B cannot encode."""
+
+    def __repr__(self) -> str:
+        return "<a thing>"
+
+
+def summary(log_file: Path) -> dict[str, Any]:
+    """The run's summary as its log leaves it: each summary record's updates, in order."""
+    values: dict[str, Any] = {}
+    for record in records(log_file):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                values[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+    return values
 
 
 @pytest.mark.usefixtures("offline")
@@ -100,6 +111,54 @@ class TestWandbHandler:
         handler.handle(rec(0, 0, {"loss": 1.0}))
         handler.close()
         assert only_run(tmp_path / "b").run_id == "explicit7"
+
+
+@pytest.mark.usefixtures("offline")
+class TestWandbDurableClose:
+    """``close()`` returns once the offline run's file holds every row it was given."""
+
+    def test_twenty_runs_each_hold_their_three_rows_when_close_returns(
+        self, tmp_path: Path
+    ) -> None:
+        for n in range(20):
+            handler = WandbHandler(log_dir=tmp_path / f"run{n}")
+            for step in range(3):
+                handler.handle(rec(0, step, {"loss": step / 10}))
+            handler.close()
+            (run_dir,) = offline_runs(tmp_path / f"run{n}")
+            run = read_run(run_dir)  # the moment close() returned: no waiting here
+            assert [row["_step"] for row in run.history] == [0, 1, 2], f"run {n}"
+            assert run.finished, f"run {n}"
+
+
+@pytest.mark.usefixtures("offline")
+class TestWandbOddValues:
+    """Values W&B cannot encode become their text; a step-less record joins no row."""
+
+    def test_odd_values_and_a_stepless_record(
+        self, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        handler = WandbHandler(log_dir=tmp_path)
+        handler.handle(rec(0, 0, {"ok": 0, "raw": b"\xff\x00", "text": b"abc", "none": None}))
+        handler.handle(rec(0, 1, {"ok": 1, "list": [1, 2.5], "empty": {}, "thing": Thing()}))
+        handler.handle(rec(0, None, {"ok": 100, "note": "between"}))  # no step
+        handler.handle(rec(0, 2, {"ok": 2}))
+        handler.close()
+
+        assert "Logging error" not in capfd.readouterr().err
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        run = only_run(tmp_path)
+        assert [(row["_step"], row["ok"]) for row in run.history] == [(0, 0), (1, 1), (2, 2)]
+        first, second, third = run.history
+        assert (first["raw"], first["text"], first["none"]) == ("b'\\xff\\x00'", "abc", None)
+        assert (second["list"], second["thing"]) == ([1, 2.5], "<a thing>")
+        assert "note" not in third
+        assert summary(run.path)["note"] == "between"  # the run's summary holds it
+        warned = [r.getMessage() for r in caplog.records if "W&B cannot hold" in r.msg]
+        assert warned == [
+            "backend wandb: 'raw' is a bytes, which W&B cannot hold; logged as its text",
+            "backend wandb: 'thing' is a Thing, which W&B cannot hold; logged as its text",
+        ]
 
 
 class TestWandbInTheCollector:

@@ -75,6 +75,7 @@ def _absolute(path: str) -> str:
 
 def _serve(spec: BackendSpec, ready: TextIO) -> int:
     from ranklog.backends.registry import install_backends, load_config_file, metric_logging_config
+    from ranklog.backends.wandb import WandbHandler
 
     # Absolute paths: the files a checkpoint lists must not depend on where the collector
     # was started (checkpoint.py stores those in the output dir relative to it).
@@ -95,6 +96,8 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
         policy_timeout=spec.policy_timeout,
     )
     for backend in backends:
+        if isinstance(backend.handler, WandbHandler):  # a finished run's wait, in the bound
+            backend.handler.close_timeout = spec.drain_timeout
         backend.attach_journal(
             journal_path(output_dir), output_dir / STATE_DIR, from_start=spec.from_start
         )

@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ranklog.backends.protocol import OFFSET_ATTR
+from ranklog.backends.wandb_log import settle, wait_finished
+from ranklog.backends.wandb_values import loggable
 from ranklog.flatten import flatten_dict
 from ranklog.reporting import ReportOnce
 from ranklog.run_name import run_name_for
@@ -39,8 +40,11 @@ class WandbHandler(logging.Handler):
     step is lower than one already logged is dropped and counted (W&B would drop it
     silently). Each row's ``_timestamp`` is the time the rank logged it (``record.created``),
     not the time the collector got to it, unless the record has a ``_timestamp`` of its own.
-    If ``wandb.init`` fails, that is reported once and later records are dropped and
-    counted; the collector's other backends go on either way. ``close`` finishes the run.
+    A record without a step goes to the run's summary, never into a row; a value W&B cannot
+    encode is logged as its text, with one warning per key. If ``wandb.init`` fails, that is
+    reported once and later records are dropped and counted; the collector's other backends
+    go on either way. ``close`` finishes the run and returns once its log on disk holds every
+    row (at most ``close_timeout`` s; a timeout is reported).
 
     One run per job: the first record of another job (``run_id``) finishes the current run
     and starts a new one, named from ``run_name`` again (``{time}``: when it starts). A job
@@ -97,6 +101,8 @@ class WandbHandler(logging.Handler):
         self._last_offset: int | None = None
         self._marks: list[tuple[int, int]] = []
         self.on_new_file: Callable[[], None] | None = None  # set by the collector
+        #: Seconds a finished run gets to be complete on disk (the collector's drain timeout).
+        self.close_timeout = 30.0
 
     @property
     def out_of_order(self) -> int:
@@ -182,14 +188,17 @@ class WandbHandler(logging.Handler):
             self.handleError(record)
 
     def _log(self, record: logging.LogRecord, msg: Mapping[Any, Any], step: int | None) -> None:
-        flat = flatten_dict(msg)
+        flat = loggable(flatten_dict(msg), self._report)
         if getattr(record, "hparams", False):
             self._run.config.update(flat, allow_val_change=True)
             return
-        flat.setdefault("_timestamp", record.created)  # the rank's time, not ours
         if step is None:
-            self._run.log(flat)
+            # A row needs a step of its own; W&B would merge this into the row of the step
+            # being logged and overwrite its values. The run's summary is W&B's place for
+            # values that belong to no step.
+            self._run.summary.update(flat)
             return
+        flat.setdefault("_timestamp", record.created)  # the rank's time, not ours
         if self._last_step is not None and step < self._last_step:
             self._report(
                 "out-of-order",
@@ -220,9 +229,7 @@ class WandbHandler(logging.Handler):
             if self._resume_id is not None:
                 self._runs.setdefault(_job_key(job), self._resume_id)
             return
-        run, self._run = self._run, None
-        if run is not None:
-            run.finish()
+        self._finish_run()
         self._job = job
         self._resume_id = self._runs.get(_job_key(job))
         self._resuming = self._resume_id is not None
@@ -281,7 +288,7 @@ class WandbHandler(logging.Handler):
         if not state.get("sync_file"):
             return None  # killed inside wandb.init (or before it): nothing logged yet
         self._sync_file = state["sync_file"]
-        _settle(Path(self._sync_file))
+        settle(Path(self._sync_file))
         self._wandb_dir = Path(self._sync_file).parent.parent
         self._written_through = self._logged_through(run_id)
         self._marks = [(int(step), int(offset)) for step, offset in state.get("marks", [])]
@@ -290,11 +297,27 @@ class WandbHandler(logging.Handler):
         _log.info("backend wandb: resuming run %s after step %s", run_id, through)
         return max(safe, default=0)
 
+    def _finish_run(self) -> None:
+        """Finish the run; return once its log on disk holds every row (offline, and online
+        once the SDK says it is synced), or after ``close_timeout``, saying so."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        run.finish()
+        if self._sync_file is None or run.settings.mode == "disabled":
+            return  # nothing is written to disk
+        if not wait_finished(Path(self._sync_file), self.close_timeout):
+            _log.warning(
+                "backend wandb: run %s is not complete on disk %gs after it finished (%s "
+                "has no exit record yet); W&B's service may still be writing it",
+                run.id,
+                self.close_timeout,
+                self._sync_file,
+            )
+
     def close(self) -> None:
         """Finish the run (uploading it, unless offline) and report what was dropped."""
-        run, self._run = self._run, None
-        if run is not None:
-            run.finish()
+        self._finish_run()
         if self.dropped or self.out_of_order:
             _log.warning(
                 "backend wandb: %d record(s) dropped after wandb.init failed, %d dropped "
@@ -307,21 +330,6 @@ class WandbHandler(logging.Handler):
 
 def _job_key(job: Any) -> str:
     return "" if job is None else str(job)
-
-
-def _settle(log: Path, quiet: float = 0.5, timeout: float = 10.0) -> None:
-    """Wait until the crashed run's log stops growing: W&B's service process outlives the
-    collector that fed it and writes out the rows it already had, a moment later. Reading
-    the log before that would resume before rows that then land, and log them twice."""
-    deadline = time.monotonic() + timeout
-    size, still_since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now_size = log.stat().st_size if log.exists() else 0
-        if now_size != size:
-            size, still_since = now_size, time.monotonic()
-        elif time.monotonic() - still_since >= quiet:
-            return
-        time.sleep(0.05)
 
 
 def teardown_within(timeout: float) -> bool:

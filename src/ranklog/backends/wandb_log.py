@@ -4,12 +4,14 @@ The file starts with a 7-byte header (``:W&B``, magic ``0xBEE1``, version), then
 blocks of chunks, each ``crc32 (4, little-endian) | length (2) | type (1) | data``, the CRC
 being zlib's CRC-32 of the type byte and the data; a record is one FULL chunk or FIRST,
 MIDDLE..., LAST. wandb no longer ships a Python reader. The collector uses this to learn how
-far an offline run got before a crash; the tests use it to read runs back.
+far an offline run got before a crash and when a finished run is complete on disk; the
+tests use it to read runs back.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,3 +71,44 @@ def last_step(path: Path) -> int | None:
         if (item.key or ".".join(item.nested_key)) == "_step"  # wandb writes either
     ]
     return max(steps, default=None)
+
+
+def finished(path: Path) -> bool:
+    """Whether the log holds its run's exit record, and so every row logged before it."""
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in records(path, strict=False))
+    except (OSError, ValueError, struct.error):  # not there yet, or no full header yet
+        return False
+
+
+def wait_finished(path: Path, timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) until the log holds its run's exit record.
+
+    ``run.finish()`` returns once W&B's service has the exit record, but the service keeps
+    the log's last block in memory until it closes the run's stream, a moment later (it is
+    told to without waiting for an answer). Until then the file may hold no row at all."""
+    deadline, size = time.monotonic() + timeout, -1
+    while True:
+        now_size = path.stat().st_size if path.exists() else 0
+        if now_size != size:  # read it again only once it grew
+            size = now_size
+            if finished(path):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def settle(log: Path, quiet: float = 0.5, timeout: float = 10.0) -> None:
+    """Wait until a crashed run's log stops growing: W&B's service process outlives the
+    collector that fed it and writes out the rows it already had, a moment later. Reading
+    the log before that would resume before rows that then land, and log them twice."""
+    deadline = time.monotonic() + timeout
+    size, still_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now_size = log.stat().st_size if log.exists() else 0
+        if now_size != size:
+            size, still_since = now_size, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            return
+        time.sleep(0.05)
