@@ -50,6 +50,15 @@ def tensorboard_loss_steps(run_dir: Path) -> list[int]:
     return [event.step for event in accumulator.Scalars("loss")]
 
 
+def file_stats(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: its size and mtime (ns), by its path relative to it."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
 def assert_exactly_once(output_dir: Path, world_size: int, records: int) -> None:
     for rank in range(world_size):
         counts = step_counts(output_dir, rank)
@@ -300,6 +309,40 @@ class TestReplay:
         assert "shorter than at its last checkpoint" not in rebuilt.stderr
         assert_exactly_once(tmp_path / "run", 2, 300)
         assert_exactly_once(tmp_path / "copy", 2, 300)
+
+    def test_a_copied_then_moved_dir_is_its_own(self, tmp_path: Path) -> None:
+        """`cp -a run copy`, a --from-start replay of the copy (JSONL and TensorBoard), then
+        `mv run moved` and a replay of that: the original's files keep their sizes and
+        mtimes, the old path is not made again, and each dir's JSONL and TensorBoard hold
+        every step once."""
+        endpoint = f"ipc://{tmp_path}/c.ipc"
+        loggers = ("--logger-type", "async,tensorboard")
+        collect = subprocess.Popen(
+            [sys.executable, "-m", "ranklog", "collect", "--bind", endpoint, "--output-dir",
+             "run", "--world-size", "2", "--exit-when-done", "--run-name", "tb", *loggers],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        finish(start_ranks(endpoint, 2, 300))
+        assert collect.wait(60) == 0
+        subprocess.run(["cp", "-a", "run", "copy"], cwd=tmp_path, check=True)
+        before = file_stats(tmp_path / "run")
+
+        def replay_here(output_dir: str) -> None:
+            done = subprocess.run(
+                [sys.executable, "-m", "ranklog", "replay", "--output-dir", output_dir,
+                 "--from-start", *loggers],
+                cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+
+        replay_here("copy")
+        assert file_stats(tmp_path / "run") == before
+        subprocess.run(["mv", "run", "moved"], cwd=tmp_path, check=True)
+        replay_here("moved")
+        assert not (tmp_path / "run").exists()
+        for output_dir in (tmp_path / "copy", tmp_path / "moved"):
+            assert_exactly_once(output_dir, 2, 300)
+            assert tensorboard_loss_steps(output_dir / "tb") == list(range(300)), output_dir
 
 
 class TestBackendProcessDies:

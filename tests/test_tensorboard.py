@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 from ranklog import TensorBoardHandler
 from tests.conftest import CollectorProcess, read_jsonl, run_all_backends
+from tests.ranks import REPO
 from tests.test_policy import rec
 
 
@@ -189,3 +192,49 @@ class TestTensorBoardInTheCollector:
         for rank in (0, 1):  # JSONL still holds every rank
             rows = read_jsonl(c.output_dir / f"training_params_and_metrics_global{rank}.jsonl")
             assert [r["step"] for r in rows if "step" in r] == list(range(300))
+
+
+FILL_THEN_WRITE = """
+import contextlib, os, sys, time
+from pathlib import Path
+from ranklog import TensorBoardHandler
+from tests.test_policy import rec
+
+disk = Path(sys.argv[1])
+handler = TensorBoardHandler(run_name="full", log_dir=disk, flush_secs=0.01)
+handler.raise_os_errors = True  # as in the collector, whose feed reports it in one line
+handler.handle(rec(0, 0, {"loss": 0.0}))
+fill = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+with contextlib.suppress(OSError):  # until the disk is full
+    while os.write(fill, bytes(4096)):
+        pass
+os.close(fill)
+deadline, step = time.monotonic() + 30, 1
+while time.monotonic() < deadline:
+    try:
+        handler.handle(rec(0, step, {"loss": float(step), "text": "x" * 512}))
+        handler.flush()
+    except OSError as exc:
+        print("caller got errno", exc.errno)
+        break
+    step += 1
+    time.sleep(0.005)  # the writer thread's turn
+(disk / "filler").unlink()
+with contextlib.suppress(OSError):
+    handler.close()
+"""
+
+
+class TestTensorBoardFullDisk:
+    """A full disk: the write error reaches the caller; no thread traceback is printed."""
+
+    def test_write_error_reaches_the_caller_without_a_thread_traceback(
+        self, small_disk: Path
+    ) -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", FILL_THEN_WRITE, str(small_disk)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "caller got errno 28" in done.stdout, done.stdout  # ENOSPC
+        assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,26 +27,29 @@ _log = logging.getLogger(__name__)
 _HISTORY = 32  # earlier checkpoints kept (about as many seconds)
 
 
-def load(path: Path, backend: str) -> dict[str, Any] | None:
-    """The saved checkpoint (``{"offset": 0}`` if none); None if it cannot be read."""
+def load(path: Path, backend: str, paths: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The saved checkpoint (``{"offset": 0}`` if none); None if it cannot be read.
+    ``paths``: the keys of the handler's state that name paths, besides ``files``."""
     if not path.exists():
         return {"offset": 0}
     try:
         saved = json.loads(path.read_text())
         int(saved["offset"])
-        return _with_files(saved, lambda name: os.path.join(_output_dir(path), name))
+        base = _output_dir(path)
+        return _with_paths(saved, lambda name: os.path.join(base, name), paths)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         _log.warning("backend %s: checkpoint %s unreadable (%s)", backend, path, exc)
         return None
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
+def save(path: Path, state: dict[str, Any], paths: Iterable[str] = ()) -> None:
     """Replace the checkpoint atomically; an OSError (a full disk) reaches the caller.
 
-    Files in the output dir are listed relative to it: a copied or moved output dir (or
-    ``ranklog replay`` from elsewhere) resumes with its own files, never the original's."""
+    Files and folders in the output dir (``files`` and the state keys in ``paths``) are
+    listed relative to it: a copied or moved output dir (or ``ranklog replay`` from
+    elsewhere) resumes with its own files and run folders, never the original's."""
     base = _output_dir(path)
-    state = _with_files(state, lambda name: _relative_inside(name, base))
+    state = _with_paths(state, lambda name: _relative_inside(name, base), paths)
     write_durably(path, json.dumps(state).encode())
 
 
@@ -59,13 +62,24 @@ def _relative_inside(name: str, base: str) -> str:
     return name if relative.startswith(os.pardir) else relative
 
 
-def _with_files(state: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
-    """``state`` with the file names of its handler state passed through ``rename``."""
+def _with_paths(
+    state: dict[str, Any], rename: Callable[[str], str], keys: Iterable[str]
+) -> dict[str, Any]:
+    """``state`` with the paths in its handler state passed through ``rename``: the names
+    of ``files``, and each key in ``keys`` (a path, or a mapping to paths)."""
     backend = state.get("backend")
-    if not backend or not backend.get("files"):
+    if not backend:
         return state
-    files = {rename(name): size for name, size in backend["files"].items()}
-    return {**state, "backend": {**backend, "files": files}}
+    out = dict(backend)
+    if backend.get("files"):
+        out["files"] = {rename(name): size for name, size in backend["files"].items()}
+    for key in keys:
+        value = backend.get(key)
+        if isinstance(value, str):
+            out[key] = rename(value)
+        elif isinstance(value, dict):
+            out[key] = {k: rename(v) if isinstance(v, str) else v for k, v in value.items()}
+    return {**state, "backend": out}
 
 
 def needed_from(saved: dict[str, Any]) -> int:

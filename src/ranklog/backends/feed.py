@@ -68,6 +68,8 @@ class BackendFeed(Handing):
         if self._resumable is not None:
             self._resumable.on_new_file = self._register_new_file
         self._new_policy = policy
+        # The keys of the handler's state that name paths: kept relative to the output dir.
+        self._paths: tuple[str, ...] = getattr(handler, "checkpoint_paths", ())
         # Made once now so that a bad policy fails the configuration, not the first record;
         # it is made again from the checkpoint before use.
         self.policy = policy() if policy is not None else None
@@ -98,7 +100,7 @@ class BackendFeed(Handing):
             self.offset, self._resume_pending = 0, False
             return
         self._checkpoint_path = state_dir / f"backend-{self.name}.json"
-        saved = _checkpoint.load(self._checkpoint_path, str(self.name))
+        saved = _checkpoint.load(self._checkpoint_path, str(self.name), self._paths)
         lost = None if saved is None else _checkpoint.shortened_file(saved.get("backend"))
         if saved is None or lost is not None:
             # The checkpoint promised more than the files hold (a machine crash before the
@@ -207,10 +209,18 @@ class BackendFeed(Handing):
             with contextlib.suppress(_Rewound):
                 if self._can_rewind():
                     self._rewind(exc)
-            self._failure("could not write its last checkpoint")
+            self._failure("could not write its last checkpoint", exc)
         try:
             self.handler.flush()
             self.handler.close()
+        except OSError as exc:  # a full disk: one line, as for any write error
+            _log.error(
+                "backend %s could not close %s (%s)",
+                self.name,
+                _where(exc, self.handler),
+                exc.strerror or exc,
+            )
+            return False
         except Exception:
             _log.exception("backend %s failed to close", self.name)
             return False
@@ -263,8 +273,14 @@ class BackendFeed(Handing):
                     self.offset,
                 )
 
-    def _failure(self, what: str) -> None:
-        self.report(what, "backend %s %s; it keeps running", self.name, what, exc_info=True)
+    def _failure(self, what: str, error: OSError | None = None) -> None:
+        """Report a failure once; a write error as one line naming the path, without the
+        traceback a bug gets."""
+        if error is not None:
+            what = f"{what}: cannot write {_where(error, self.handler)} ({error.strerror or error})"
+        self.report(
+            what, "backend %s %s; it keeps running", self.name, what, exc_info=error is None
+        )
 
     # -- checkpoints and rewinds ----------------------------------------------------------
 
@@ -274,7 +290,7 @@ class BackendFeed(Handing):
         except OSError as exc:
             if self._can_rewind():
                 self._rewind(exc)
-            self._failure("could not write its checkpoint")
+            self._failure("could not write its checkpoint", exc)
 
     def _can_rewind(self) -> bool:
         return self._last_checkpoint is not None and self._rewindable is not None
@@ -287,8 +303,9 @@ class BackendFeed(Handing):
         reason = f"{type(error).__name__}: {error.strerror or error}"
         if self._write_error is None:
             _log.error(
-                "backend %s cannot write (%s); retrying from the journal every %gs",
+                "backend %s cannot write %s (%s); retrying from the journal every %gs",
                 self.name,
+                _where(error, self.handler),
                 reason,
                 _RETRY_AFTER,
             )
@@ -316,7 +333,7 @@ class BackendFeed(Handing):
             state = _checkpoint.next_state(self._last_checkpoint, self.offset, backend, self.policy)
             if state == self._last_checkpoint:
                 return
-            _checkpoint.save(self._checkpoint_path, state)
+            _checkpoint.save(self._checkpoint_path, state, self._paths)
             self._last_checkpoint = state
         except OSError:
             raise
@@ -340,8 +357,13 @@ class BackendFeed(Handing):
         now = self._resumable.checkpoint()
         backend = _checkpoint.merged(last.get("backend"), now, opened=True)
         state = {**last, "backend": backend}
-        _checkpoint.save(self._checkpoint_path, state)
+        _checkpoint.save(self._checkpoint_path, state, self._paths)
         self._last_checkpoint = state
+
+
+def _where(error: OSError, handler: logging.Handler) -> str:
+    """The path a write error is about: the error's own, else the folder the handler writes."""
+    return str(error.filename or getattr(handler, "log_dir", None) or "its files")
 
 
 def replay(journal: Path, feed: BackendFeed, start: int, stop: int) -> BackendFeed:

@@ -132,7 +132,7 @@ class Handing:
         except OSError as exc:
             if self._can_rewind():
                 self._rewind(exc)
-            self._failure("failed on a record")
+            self._failure("failed on a record", exc)
         except Exception:
             self._failure("failed on a record")
 
@@ -144,5 +144,5 @@ class Handing:
     def _rewind(self, error: OSError) -> None:
         raise NotImplementedError
 
-    def _failure(self, what: str) -> None:
+    def _failure(self, what: str, error: OSError | None = None) -> None:
         raise NotImplementedError

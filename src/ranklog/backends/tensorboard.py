@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,26 @@ def _hparam_value(value: Any) -> bool | int | float | str:
     if isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+def _quiet_writer_thread_errors() -> None:
+    """Leave out the traceback Python prints when TensorBoard's writer thread dies of a
+    write error (a full disk): that thread keeps the error and raises it again at the next
+    write or flush, to the handler's caller, which reports it in one line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "ranklog_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not (
+            isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)
+        ):
+            previous(args)
+
+    hook.ranklog_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _has_events(run_dir: Path) -> bool:
@@ -71,6 +92,8 @@ class TensorBoardHandler(logging.Handler):
     #: Rank policy the collector puts in front of this handler unless told otherwise.
     default_rank_policy: str | None = "rank0"
     keeps_ranks_apart: bool = False
+    #: State keys naming paths, which checkpoints keep relative to the output dir.
+    checkpoint_paths: tuple[str, ...] = ("runs",)
 
     def __init__(
         self,
@@ -119,6 +142,7 @@ class TensorBoardHandler(logging.Handler):
             raise RuntimeError(
                 "TensorBoardHandler needs the tensorboard package: pip install 'ranklog[collector]'"
             ) from exc
+        _quiet_writer_thread_errors()
         if self._writer is not None:  # the next job: this one's run is complete
             writer, self._writer = self._writer, None
             writer.close()

@@ -64,6 +64,7 @@ class WandbHandler(logging.Handler):
     #: Rank policy the collector puts in front of this handler unless told otherwise.
     default_rank_policy: str | None = "rank0"
     keeps_ranks_apart: bool = False
+    checkpoint_paths: tuple[str, ...] = ("sync_file", "wandb_dir")  # relative in checkpoints
 
     def __init__(
         self,
@@ -298,8 +299,7 @@ class WandbHandler(logging.Handler):
         return max(safe, default=0)
 
     def _finish_run(self) -> None:
-        """Finish the run; return once its log on disk holds every row (offline, and online
-        once the SDK says it is synced), or after ``close_timeout``, saying so."""
+        """Finish the run; return once its log holds every row, or after ``close_timeout``."""
         run, self._run = self._run, None
         if run is None:
             return
