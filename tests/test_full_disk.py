@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,30 @@ def test_a_goodbye_the_full_journal_refuses_still_ends_its_rank(disk: Path) -> N
         assert peer.finished
     finally:
         store.close()
+
+
+def test_a_spill_the_output_dir_stops_taking_moves_whole_to_the_next_folder(
+    disk: Path, tmp_path: Path
+) -> None:
+    """A spill file begun in the output dir (close() spills first) that the disk then
+    refuses: every record held goes to the rank's local folder, the partial file goes."""
+    import msgpack
+
+    from ranklog.journal import read_file
+    from ranklog.rank.spill import spill_to
+
+    output, local = disk / "spill", tmp_path / "local"
+    output.mkdir()
+    local.mkdir()
+    items: list[tuple[int, bytes | Any]] = [
+        (seq, msgpack.packb({"seq": seq, "pad": bytes(1000)})) for seq in range(1, 201)
+    ]
+    spill, failed = spill_to(None, [output, local], "r.spill", items[:10])
+    assert spill.path.parent == output and failed is None
+    fill(disk)
+    spill, failed = spill_to(spill, [output, local], "r.spill", items)
+    assert spill.path == local / "r.spill"
+    assert failed is not None and failed[0] == output and "No space left" in str(failed[1])
+    assert list(read_file(spill.path)) == [frame for _, frame in items]
+    assert not (output / "r.spill").exists()
+    spill.close()
