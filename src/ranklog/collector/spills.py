@@ -35,6 +35,8 @@ def ingest_spills(store: Store, now: float, *, wait: float = 0.0) -> int:
     takes in what the job's last ranks spilled: a rank whose goodbye said it spilled
     records lets go of its file as it exits, a moment after the goodbye."""
     folder = spill_path(store.settings.output_path)
+    with contextlib.suppress(OSError):  # there for a file moved in by hand (the README's steps)
+        folder.mkdir(exist_ok=True)
     deadline = time.monotonic() + wait
     total = 0
     while True:

@@ -12,7 +12,7 @@ import msgpack
 from ranklog.collector.backend_process import BackendProcess
 from ranklog.collector.events import EventLog, event, log_status
 from ranklog.collector.peers import RankTable
-from ranklog.collector.receive import CollectorStats, Received, recover
+from ranklog.collector.receive import CollectorStats, Received, account, recover
 from ranklog.collector.settings import BackendSettings
 from ranklog.journal import (
     SEGMENT_BYTES,
@@ -23,6 +23,7 @@ from ranklog.journal import (
     snapshot_path,
     write_snapshot,
 )
+from ranklog.wire import GOODBYE
 
 _log = logging.getLogger(__name__)
 _JOURNAL_RETRY = 0.5  # seconds between tries of a journal that could not be written
@@ -37,8 +38,15 @@ def segment_bytes(retention: int) -> int:
 
 
 def _refuse(received: Received) -> bool:
-    """Accept nothing of ``received``; its acks tell each rank what it must send again."""
+    """Accept nothing of ``received``; its acks tell each rank what it must send again.
+
+    Except a goodbye that says its rank spilled: that rank sends nothing again (it gave up,
+    its records are in its spill file), so it counts as finished now, and a full disk does
+    not keep the collector waiting for its silence after the job ended."""
     for peer, envelope, _ in received.accepted:
+        if envelope["kind"] == GOODBYE and envelope.get("spilled"):
+            received.events.extend(account(peer, envelope, CollectorStats()))
+            continue
         key = (peer.run, peer.rank, envelope["inc"])
         received.refused[key] = max(received.refused.get(key, 0), envelope["seq"])
     received.accepted.clear()

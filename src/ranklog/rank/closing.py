@@ -18,10 +18,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ranklog.journal import STATE_DIR
 from ranklog.rank.outbox import Item
-from ranklog.rank.spill import SpillFile, spill_folders, spill_name
+from ranklog.rank.spill import SpillFile, spill_folders, spill_name, spill_to
 from ranklog.wire import GOODBYE
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ class Ending:
         self.spill_error: OSError | None = None
         self.spilled = 0
         self.why = ""  # why close() stopped waiting
+        self.cause = ""  # the signal that ended the process, if one did
+        self.spill_fallback = ""  # why the output dir's spill folder did not take the file
 
 
 def step(sender: Sender, sock: Any) -> bool:
@@ -81,10 +85,45 @@ def flush(sender: Sender) -> None:
 
 def close(sender: Sender) -> None:
     """Spill, deliver while acknowledgements progress, goodbye, report (see the module)."""
+    text = _close(sender)
+    if text:
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
+
+
+def terminate(sender: Sender, signal_name: str, bound: float) -> str | None:
+    """A signal ends the process: :func:`close` within ``bound`` seconds (after the
+    spill), the goodbye included; the line to show (None: nothing to say)."""
+    if sender.closed:
+        return None  # close() runs already (on this thread): it spilled first
+    sender.close_timeout = sender.close_budget = sender.close_limit = bound
+    sender.ending.cause = signal_name
+    return _close(sender)
+
+
+def spill_now(sender: Sender, signal_name: str, bound: float) -> str | None:
+    """A signal the program handles itself: spill what is not acknowledged, and go on;
+    a later close() waits only ``bound`` seconds unless acknowledgements resume."""
+    thread = sender.thread
+    if sender.closed or thread is None or not thread.is_alive():
+        return None
+    sender.close_budget = min(sender.close_timeout, bound)
+    records = _spill(sender)
+    spill = sender.ending.spill
+    if not records or spill is None:
+        return None
+    if sender.ending.spill_error is not None:
+        return f"ranklog: rank {sender.identity.rank} got {signal_name}; " + _lost(sender, records)
+    return (
+        f"ranklog: rank {sender.identity.rank} got {signal_name}: {records} record(s) not "
+        f"acknowledged yet are spilled to {spill.path} (the file goes once they are delivered)"
+    )
+
+
+def _close(sender: Sender) -> str | None:
     thread = sender.thread
     closed, sender.closed, sender.running = sender.closed, True, False
     if closed or thread is None:
-        return
+        return None
     ending = sender.ending
     _spill(sender)
     ending.closing.set()
@@ -96,7 +135,7 @@ def close(sender: Sender) -> None:
         sender.wake()
         thread.join(2.0)
         _spill(sender, goodbye=True)  # its goodbye too: the collector may never hear it
-    _report(sender)
+    return _report(sender)
 
 
 def _records_held(sender: Sender) -> list[Item]:
@@ -115,14 +154,15 @@ def _spill(sender: Sender, *, goodbye: bool = False) -> int:
         held.append(ending.goodbye)
     if not held:
         return 0
+    folders = spill_folders(sender.spill_dir)
     try:
-        if ending.spill is None:
-            folders = spill_folders(sender.spill_dir)
-            ending.spill = SpillFile.create(folders, spill_name(sender.identity))
-        ending.spill.add(held)
+        ending.spill, failed = spill_to(ending.spill, folders, spill_name(sender.identity), held)
         ending.spill_error = None
     except OSError as exc:
         ending.spill_error = exc
+    else:
+        if failed is not None:
+            ending.spill_fallback = f"{failed[0]} could not take it: {failed[1]}"
     return count
 
 
@@ -156,7 +196,7 @@ def _wait(sender: Sender, done: Callable[[], bool]) -> bool:
     return True
 
 
-def _report(sender: Sender) -> None:
+def _report(sender: Sender) -> str | None:
     ending = sender.ending
     undelivered = sender.outbox.pending()
     records = len(_records_held(sender))
@@ -166,21 +206,44 @@ def _report(sender: Sender) -> None:
         ending.spill.close()  # left for a collector; the lock goes with it
     dropped = sender.outbox.dropped
     if not undelivered and not dropped:
-        return
-    text = f"ranklog: rank {sender.identity.rank} could not deliver {undelivered} message(s)"
+        return None
+    rank = sender.identity.rank
+    cause = f"got {ending.cause} and " if ending.cause else ""
+    text = f"ranklog: rank {rank} {cause}could not deliver {undelivered} message(s)"
     text += f" to {sender.endpoint} ({ending.why or 'is the collector running?'})"
     if records and ending.spill is not None and ending.spill_error is None:
-        text += (
-            f"; {records} record(s) are spilled to {ending.spill.path}: the next collector "
-            "(or `ranklog replay`) serving the job's output directory ingests them from its "
-            ".ranklog/spill/ folder (move the file there if it is elsewhere)"
+        text += f"; {records} record(s) are spilled to {ending.spill.path}: " + _recovery(
+            sender, ending.spill.path
         )
     elif records:
-        text += (
-            f"; {records} record(s) unacknowledged could not be spilled either "
-            f"({ending.spill_error}): those the collector did not journal before it stopped "
-            "answering are lost"
-        )
+        text += "; " + _lost(sender, records)
     if dropped:
         text += f"; and it dropped {dropped} record(s) because its buffer was full"
-    warnings.warn(text, RuntimeWarning, stacklevel=4)
+    return text
+
+
+def _lost(sender: Sender, records: int) -> str:
+    return (
+        f"{records} record(s) unacknowledged could not be spilled either "
+        f"({sender.ending.spill_error}): those the collector did not journal before it "
+        "stopped answering are lost"
+    )
+
+
+def _recovery(sender: Sender, path: Path) -> str:
+    """How the spill file at ``path`` gets to a collector (the README's recovery steps)."""
+    wanted = None if sender.spill_dir is None else Path(sender.spill_dir)
+    if wanted is not None and path.parent == wanted:
+        return (
+            "the next collector (or `ranklog replay`) serving the job's output directory "
+            "ingests them from its .ranklog/spill/ folder"
+        )
+    output_dir = "<output-dir>"
+    if wanted is not None and wanted.parent.name == STATE_DIR:
+        output_dir = str(wanted.parent.parent)
+    why = f" ({sender.ending.spill_fallback})" if sender.ending.spill_fallback else ""
+    return (
+        f"this is the rank's local folder{why}; to bring them back move the file into "
+        f"{output_dir}/.ranklog/spill/, then run `ranklog replay --output-dir {output_dir}` "
+        "with the job's --logger-type (or let the next collector on that dir ingest it)"
+    )

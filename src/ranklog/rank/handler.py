@@ -51,6 +51,13 @@ class ZMQSocketHandler(logging.Handler):
     ``system_interval`` seconds (default ``RANKLOG_SYSTEM_INTERVAL``, else 10) as records
     of the logger of the newest record (so they reach the same backends). See
     :class:`~ranklog.rank.sender.Sender`.
+
+    A SIGTERM, SIGHUP or SIGQUIT (Slurm, Kubernetes, torchrun's tear-down) first spills
+    what is not acknowledged (fsynced), says goodbye within a second, and names the spill
+    file in one line on stderr; then the program's own handler runs if it installed one
+    before, else the default action (the process ends with the same status). The handler is
+    installed on the main thread only; ``handle_signals=False`` (default
+    ``RANKLOG_HANDLE_SIGNALS``, on unless ``0``) leaves signals alone.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class ZMQSocketHandler(logging.Handler):
         collector_log: str | os.PathLike[str] | None = None,
         system_metrics: bool | None = None,
         system_interval: float | None = None,
+        handle_signals: bool | None = None,
     ) -> None:
         super().__init__(level)
         identity = detect_identity(
@@ -94,6 +102,7 @@ class ZMQSocketHandler(logging.Handler):
             system_metrics=system_metrics,
             system_interval=system_interval,
             record_lock=self.lock,
+            handle_signals=handle_signals,
         )
         _live_handlers.add(self)
 

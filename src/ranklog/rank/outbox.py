@@ -47,7 +47,9 @@ class Outbox:
         self._sent_through = 0  # the highest seq ever taken
         self._undo = (0, 0)  # both of those before the last take
         self.on_ack: Callable[[int], None] | None = None
-        self._lock = threading.Lock()
+        # Reentrant: the signal handler (ranklog.rank.signals) reads the outbox on the main
+        # thread, which may hold the lock at that moment.
+        self._lock = threading.RLock()
         self._unsent: deque[Item] = deque()
         self._inflight: deque[tuple[int, bytes]] = deque()
         self._oldest_send = 0.0

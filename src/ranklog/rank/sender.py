@@ -23,7 +23,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ranklog.rank import closing
+from ranklog.rank import closing, signals
 from ranklog.rank.closing import Ending
 from ranklog.rank.curve import CurveKeys, curve_keys
 from ranklog.rank.encoder import RecordEncoder
@@ -56,7 +56,9 @@ class Sender:
     warning names the endpoint (and ``collector_log``) while no collector answers. With
     ``system_metrics`` the thread queues the process's memory and CPU use every
     ``system_interval`` seconds as records, under ``record_lock`` (the caller's lock for
-    numbering and queueing its own records; :mod:`ranklog.rank.system`).
+    numbering and queueing its own records; :mod:`ranklog.rank.system`). With
+    ``handle_signals`` (default ``RANKLOG_HANDLE_SIGNALS``, on) a SIGTERM, SIGHUP or SIGQUIT
+    spills first, then does what it would have done (:mod:`ranklog.rank.signals`).
 
     To send a record: ``seq = sender.next_seq()``, pack the envelope with that seq
     (``RecordEncoder.record(seq, log_record)``), then ``sender.put(seq, packed)``.
@@ -79,6 +81,7 @@ class Sender:
         system_metrics: bool | None = None,
         system_interval: float | None = None,
         record_lock: Lock | None = None,
+        handle_signals: bool | None = None,
     ) -> None:
         self.identity = identity
         self.endpoint = endpoint
@@ -122,10 +125,15 @@ class Sender:
         # is set until then). A thread that polled instead would take the GIL from the
         # training thread hundreds of times a second.
         self.asleep = True
-        self._wake_lock = threading.Lock()
+        # Reentrant: the signal handler (ranklog.rank.signals) may run on the main thread
+        # while it holds this lock.
+        self._wake_lock = threading.RLock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self.handle_signals = signals.signals_wanted(handle_signals)
+        if self.handle_signals:
+            signals.watch(self)
 
     def put(self, seq: int, data: bytes | Pending) -> None:
         """Hand over a packed envelope numbered ``seq`` (from :meth:`next_seq`)."""
@@ -204,6 +212,7 @@ class Sender:
             system_metrics=system_metrics,
             system_interval=system_interval,
             record_lock=record_lock,
+            handle_signals=self.handle_signals,
         )
 
     def forget_wake_pipe(self) -> None:

@@ -174,6 +174,7 @@ def _embedded(
         key_file = keys.client_key_file()
         handler_kwargs.update(curve_server_key=keys.server_public, curve_key_file=key_file)
     if identity.rank == 0:
+        _check_space(plan.output_dir)
         _embedded_collector = EmbeddedCollector(
             target, plan.output_dir, identity.world_size, collector_args
         ).start()
@@ -182,6 +183,22 @@ def _embedded(
     finally:
         if key_file is not None:  # read by the handler; no copy of the secret stays around
             shutil.rmtree(key_file.parent, ignore_errors=True)
+
+
+def _check_space(output_dir: Path) -> None:
+    """A full output dir fails setup now, in one line: the collector could not even log why
+    it cannot start."""
+    probe = output_dir / f".ranklog-probe-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as file:
+            file.write(bytes(64 << 10))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the output dir {output_dir}: {exc.strerror}") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 @dataclass

@@ -139,3 +139,35 @@ class SpillFile:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+
+
+def spill_to(
+    spill: SpillFile | None, folders: list[Path], name: str, items: list[Item]
+) -> tuple[SpillFile, tuple[Path, OSError] | None]:
+    """Add ``items`` to ``spill``, or to a new file in the first of ``folders`` that takes
+    them whole. A folder that cannot (a full disk) gives way to the next, whose file gets
+    every item (the partial one is deleted). Returns the file, and the first folder that
+    failed with its error (None if none did); raises that OSError if every one failed."""
+    failed: tuple[Path, OSError] | None = None
+    if spill is not None:
+        try:
+            spill.add(items)
+            return spill, None
+        except OSError as exc:
+            failed = (spill.path.parent, exc)
+            spill.delete()
+            folders = [folder for folder in folders if folder != spill.path.parent]
+    for folder in folders:
+        try:
+            spill = SpillFile.create([folder], name)
+        except OSError as exc:
+            failed = failed or (folder, exc)
+            continue
+        try:
+            spill.add(items)
+            return spill, failed
+        except OSError as exc:
+            failed = failed or (folder, exc)
+            spill.delete()
+    assert failed is not None
+    raise failed[1]
