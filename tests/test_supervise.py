@@ -175,6 +175,30 @@ class TestBounds:
         if how == "stopped":
             supervisor.stop()
         os.kill(pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        assert supervisor.wait(30) == (0 if how == "sigterm" else -signal.SIGKILL)
+        until(lambda: not supervisor.watching, 30, "the supervisor to let go")
+        assert supervisor.wait(0) == (0 if how == "sigterm" else -signal.SIGKILL)
         assert RESTARTED not in capsys.readouterr().err
         assert collector_pid(collector.output_dir, {pid}) is None
+
+
+class TestRankZeroCloses:
+    """setup_metric_logger in this process as a one-rank job: once rank 0's handler is
+    closed (at exit, or by a signal), a collector that dies is not restarted."""
+
+    def test_a_collector_killed_after_rank_0_closed_stays_down(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from ranklog.rank import setup
+
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"supervise-{os.getpid()}-{time.time_ns()}")
+        out = tmp_path / "out"
+        handler = setup.setup_metric_logger("async", None, str(out), close_timeout=1)
+        assert handler is not None and setup._embedded_collector is not None
+        supervisor = setup._embedded_collector
+        pid = until(lambda: serving(out, set()), 60, "the collector")
+        assert isinstance(pid, int)
+        handler.close()  # what logging.shutdown() at exit does, and a SIGTERM's spill
+        os.kill(pid, signal.SIGKILL)
+        until(lambda: not supervisor.watching, 30, "the supervisor to let go")
+        assert setup.finish_metric_logger(timeout=5) == -signal.SIGKILL
+        assert RESTARTED not in capsys.readouterr().err
