@@ -1,5 +1,6 @@
 """The embedded collector: global rank 0 starts ``ranklog collect`` for its job and waits
-until it listens, or fails with the collector's own words."""
+until it listens, or fails with the collector's own words; it starts it again if it dies
+(rank/supervisor.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ranklog.endpoints import bind_address_for, is_local_only
 from ranklog.errors import ConfigError
+from ranklog.rank.supervisor import Supervisor
 
 COLLECTOR_LOG = "ranklog-collector.log"
 READY_MARK = b"listening on "
@@ -41,6 +44,10 @@ class EmbeddedCollector:
         if not is_local_only(self.endpoint):
             command.append("--allow-remote")
         return command
+
+    def supervised(self, wanted: Callable[[], bool]) -> Supervisor:
+        """Start it (see :meth:`start`), and again whenever it dies while ``wanted()``."""
+        return Supervisor(self, wanted)
 
     def start(self) -> subprocess.Popen[bytes]:
         """Start the collector and return once it listens; raise ConfigError if it cannot

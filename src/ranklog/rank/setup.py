@@ -7,7 +7,6 @@ import inspect
 import logging
 import os
 import shutil
-import subprocess
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,12 +29,13 @@ from ranklog.rank import job_keys
 from ranklog.rank.embedded import COLLECTOR_LOG, EmbeddedCollector
 from ranklog.rank.handler import ZMQSocketHandler
 from ranklog.rank.identity import RankIdentity, derived_endpoint, detect_identity
+from ranklog.rank.supervisor import Supervisor
 
 PACKAGE_LOGGER = "instructlab.training"
 METRICS_LOGGER = "instructlab.training.metrics"
 
 _attached: list[tuple[logging.Logger, ZMQSocketHandler]] = []
-_embedded_collector: subprocess.Popen[bytes] | None = None
+_embedded_collector: Supervisor | None = None
 
 
 def propagate_package_logs(enabled: bool = True, package: str = PACKAGE_LOGGER) -> None:
@@ -177,7 +177,7 @@ def _embedded(
         _check_space(plan.output_dir)
         _embedded_collector = EmbeddedCollector(
             target, plan.output_dir, identity.world_size, collector_args
-        ).start()
+        ).supervised(_still_logging)
     try:
         return _attach(target, logger_name, level, handler_kwargs)
     finally:
@@ -321,6 +321,12 @@ def _attach(
     return handler
 
 
+def _still_logging() -> bool:
+    """Rank 0's handlers are open: a collector that dies now is restarted (not once they
+    close: at finish, at exit, or on a signal)."""
+    return any(not handler._sender.closed for _, handler in _attached)
+
+
 def finish_metric_logger(timeout: float = 60.0) -> int | None:
     """Close the handlers ``setup_metric_logger`` attached (flush, goodbye); if this process
     started the embedded collector, wait up to ``timeout`` seconds for it to finish writing.
@@ -329,14 +335,11 @@ def finish_metric_logger(timeout: float = 60.0) -> int | None:
     is still running after ``timeout``).
     """
     global _embedded_collector
+    if _embedded_collector is not None:
+        _embedded_collector.stop()  # what the collector does from now on is on purpose
     while _attached:
         logger, handler = _attached.pop()
         logger.removeHandler(handler)
         handler.close()
     collector, _embedded_collector = _embedded_collector, None
-    if collector is None:
-        return None
-    try:
-        return collector.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
+    return None if collector is None else collector.wait(timeout)
