@@ -1,10 +1,14 @@
 """An Accelerate training loop with RanklogTracker, as a user writes it.
 
-    accelerate launch --num_processes 2 --cpu tests/accelerate_job.py '<json>'
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \
+        tests/accelerate_job.py '<json>'
+
+(``accelerate launch --cpu --num_processes 2`` starts one process in accelerate 1.16: its
+multi-CPU path is mpirun. ``--multi_gpu`` is its torchrun launcher; on CPU, gloo.)
 
 The JSON holds ``settings`` for RanklogTracker, ``crash_after`` (the step after which
-training raises) and ``witness`` (a folder: each rank notes there every step it logged, as
-an independent account).
+training raises), ``misspelled`` (settings to try first) and ``witness`` (a folder: each
+rank notes there every step it logged, as an independent account).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import torch
 from accelerate import Accelerator
 
 from ranklog.integrations.accelerate import RanklogTracker
-from tests.witness import note
+from tests.witness import note, try_misspelled
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     crash_after = spec.get("crash_after")
+    try_misspelled(RanklogTracker, spec)
     accelerator = Accelerator(log_with=RanklogTracker(**spec["settings"]))
     accelerator.init_trackers("tiny", config={"lr": 0.1, "hidden": 4})
     model = torch.nn.Linear(4, 1)

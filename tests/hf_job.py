@@ -4,9 +4,9 @@ a config, data made here, nothing downloaded).
     torchrun --standalone --nproc-per-node 2 tests/hf_job.py '<json>'
 
 The JSON holds ``settings`` for RanklogCallback, ``work_dir``, ``step_delay`` (seconds each
-step sleeps), ``crash_after`` (the step after which training raises) and ``witness`` (a
-folder: each rank notes there every step the Trainer logged, as a second, independent
-account).
+step sleeps), ``crash_after`` (the step after whose log training raises), ``misspelled``
+(settings to try first) and ``witness`` (a folder: each rank notes there every step the
+Trainer logged, as a second, independent account).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from ranklog.integrations.transformers import RanklogCallback
-from tests.witness import note
+from tests.witness import note, try_misspelled
 
 
 class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -42,19 +42,20 @@ class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 
 
 class Pace(TrainerCallback):  # type: ignore[misc]
-    """Slows the steps down (so a watcher sees them), raises after ``crash_after`` and notes
-    what the Trainer logged."""
+    """Slows the steps down (so a watcher sees them), notes what the Trainer logged, and
+    raises right after the log of step ``crash_after`` (RanklogCallback, listed first, has
+    just sent it)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.delay, self.crash_after = spec.get("step_delay", 0), spec.get("crash_after")
         self.witness = spec["witness"]
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-        note(self.witness, args.process_index, state.global_step, logs)
-
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         time.sleep(self.delay)
-        if self.crash_after is not None and state.global_step > self.crash_after:
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        note(self.witness, args.process_index, state.global_step, logs)
+        if self.crash_after is not None and state.global_step >= self.crash_after:
             raise RuntimeError(f"training fails on purpose after step {self.crash_after}")
 
 
@@ -67,6 +68,7 @@ def main() -> None:
         learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True,
         ddp_backend="gloo", disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
+    try_misspelled(RanklogCallback, spec)
     trainer = Trainer(
         model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens(80),
         eval_dataset=Tokens(8),

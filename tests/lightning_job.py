@@ -4,8 +4,9 @@ by running this script again).
     python tests/lightning_job.py '<json>'
 
 The JSON holds ``settings`` for RanklogLogger, ``work_dir``, ``crash_after`` (the step
-after which training raises) and ``witness`` (a folder: a second logger notes there every
-step each rank logged, as an independent account).
+after which training raises), ``misspelled`` (settings to try first) and ``witness`` (a
+folder: a second logger notes there every step each rank logged, as an independent
+account).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from ranklog.integrations.lightning import RanklogLogger
-from tests.witness import note
+from tests.witness import note, try_misspelled
 
 
 class Tiny(pl.LightningModule):
@@ -65,6 +66,7 @@ class Witness(Logger):  # type: ignore[misc]
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    try_misspelled(RanklogLogger, spec)
     data = torch.utils.data.DataLoader(torch.randn(160, 4), batch_size=4)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=20, log_every_n_steps=2,

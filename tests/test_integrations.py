@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,15 @@ def assert_hparams_once(spec: dict[str, Any], expected: dict[str, Any]) -> None:
     assert count == 1 and {key: values[key] for key in expected} == expected, values
 
 
+MISSPELLED = {"output_dir": "x", "tensorbord_log_dir": "x"}
+
+
 def assert_crash_kept_everything(spec: dict[str, Any], code: int, out: str) -> None:
     assert code != 0 and "fails on purpose" in out, out[-3000:]
+    assert (
+        "() got unknown setting(s): 'tensorbord_log_dir' (did you mean 'tensorboard_log_dir'?)"
+        in out
+    ), out[-3000:]
     collector_gone(spec)
     steps = assert_each_logged_step_once(spec)
     assert max(steps) >= CRASH_AFTER - 2, steps  # it did train up to the crash
@@ -129,6 +137,30 @@ ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes
               "tests/accelerate_job.py"]  # fmt: skip
 
 
+Crash = tuple[dict[str, Any], subprocess.Popen[str]]
+
+
+def crash_run(module: str, command: list[str], name: str) -> Callable[..., Iterator[Crash]]:
+    """A job that raises after step ``CRASH_AFTER``, started when its test class starts so
+    that it runs beside the class's other job (the suite's time)."""
+
+    @pytest.fixture(scope="class")
+    def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crash]:
+        framework(module)
+        path = tmp_path_factory.mktemp(name)
+        spec = spec_for(path, name, crash_after=CRASH_AFTER, misspelled=MISSPELLED)
+        job = launch(command, spec)
+        yield spec, job
+        ended(job)
+
+    return started
+
+
+hf_crash = crash_run("transformers", HF, "hf")
+accelerate_crash = crash_run("accelerate", ACCELERATE, "acc")
+
+
+@pytest.mark.usefixtures("hf_crash")
 class TestHuggingFaceTrainer:
     """RanklogCallback in a Trainer (tiny GPT-2 from GPT2Config) under torchrun."""
 
@@ -150,10 +182,9 @@ class TestHuggingFaceTrainer:
         assert tensorboard_loss_steps(tensorboard_run(spec)) == steps
         assert_hparams_once(spec, {"learning_rate": 0.001, "logging_steps": 2, "max_steps": 20})
 
-    def test_a_crash_after_step_10_keeps_what_was_logged(self, tmp_path: Path) -> None:
-        framework("transformers")
-        spec = spec_for(tmp_path, "hf", crash_after=CRASH_AFTER)
-        assert_crash_kept_everything(spec, *ended(launch(HF, spec)))
+    def test_a_crash_after_step_10_keeps_what_was_logged(self, hf_crash: Crash) -> None:
+        spec, job = hf_crash
+        assert_crash_kept_everything(spec, *ended(job))
 
 
 class TestLightning:
@@ -173,10 +204,11 @@ class TestLightning:
 
     def test_a_crash_after_step_10_keeps_what_was_logged(self, tmp_path: Path) -> None:
         framework("lightning")
-        spec = spec_for(tmp_path, "pl", crash_after=CRASH_AFTER)
+        spec = spec_for(tmp_path, "pl", crash_after=CRASH_AFTER, misspelled=MISSPELLED)
         assert_crash_kept_everything(spec, *ended(launch(LIGHTNING, spec)))
 
 
+@pytest.mark.usefixtures("accelerate_crash")
 class TestAccelerate:
     """RanklogTracker under ``accelerate launch`` with 2 CPU processes."""
 
@@ -192,7 +224,6 @@ class TestAccelerate:
         assert tensorboard_loss_steps(tensorboard_run(spec)) == steps
         assert_hparams_once(spec, {"lr": 0.1, "hidden": 4})
 
-    def test_a_crash_after_step_10_keeps_what_was_logged(self, tmp_path: Path) -> None:
-        framework("accelerate")
-        spec = spec_for(tmp_path, "acc", crash_after=CRASH_AFTER)
-        assert_crash_kept_everything(spec, *ended(launch(ACCELERATE, spec)))
+    def test_a_crash_after_step_10_keeps_what_was_logged(self, accelerate_crash: Crash) -> None:
+        spec, job = accelerate_crash
+        assert_crash_kept_everything(spec, *ended(job))
