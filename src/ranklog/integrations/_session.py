@@ -111,6 +111,10 @@ def _shared_endpoint(settings: Mapping[str, Any], rank: int, size: int | None) -
     derive the ``ipc://`` path alike. None: each rank derives it (or one is configured)."""
     if settings.get("endpoint") or os.environ.get(ENDPOINT_ENV) or not _distributed():
         return None
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun's workers share their agent as parent and derive the same path; no
+        # collective here, so a rank that never logs cannot leave rank 0 waiting on it.
+        return None
     target = derived_endpoint(detect_identity(rank=rank, world_size=size))
     if not target.startswith("ipc://"):
         return None  # across nodes it is MASTER_ADDR's, the same on every rank
