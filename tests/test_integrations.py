@@ -201,6 +201,10 @@ class TestLightning:
             assert {row["rank_seen"] for row in rank_rows(spec, rank) if "step" in row} == {rank}
         assert tensorboard_loss_steps(tensorboard_run(spec)) == steps
         assert_hparams_once(spec, {"lr": 0.1, "hidden": 4})
+        # Live, not from a spill at exit: rank 1 (started by rank 0's process) found the
+        # collector rank 0 started.
+        log = (Path(spec["settings"]["output_dir"]) / "ranklog-collector.log").read_text()
+        assert "rank 1 joined" in log and "ingested spill" not in log, log
 
     def test_a_crash_after_step_10_keeps_what_was_logged(self, tmp_path: Path) -> None:
         framework("lightning")
