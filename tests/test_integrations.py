@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -132,15 +133,25 @@ def assert_crash_kept_everything(spec: dict[str, Any], code: int, out: str) -> N
 
 HF = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "tests/hf_job.py"]
 LIGHTNING = [sys.executable, "tests/lightning_job.py"]
-ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "tests/accelerate_job.py"]  # fmt: skip
+
+
+def accelerate_launch() -> list[str]:
+    """``accelerate launch`` for 2 CPU processes; its rendezvous port is fixed (29500)
+    unless given, and two jobs of these tests may run at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), "tests/accelerate_job.py"]  # fmt: skip
 
 
 Crash = tuple[dict[str, Any], subprocess.Popen[str]]
 
 
-def crash_run(module: str, command: list[str], name: str) -> Callable[..., Iterator[Crash]]:
+def crash_run(
+    module: str, command: Callable[[], list[str]], name: str
+) -> Callable[..., Iterator[Crash]]:
     """A job that raises after step ``CRASH_AFTER``, started when its test class starts so
     that it runs beside the class's other job (the suite's time)."""
 
@@ -149,15 +160,15 @@ def crash_run(module: str, command: list[str], name: str) -> Callable[..., Itera
         framework(module)
         path = tmp_path_factory.mktemp(name)
         spec = spec_for(path, name, crash_after=CRASH_AFTER, misspelled=MISSPELLED)
-        job = launch(command, spec)
+        job = launch(command(), spec)
         yield spec, job
         ended(job)
 
     return started
 
 
-hf_crash = crash_run("transformers", HF, "hf")
-accelerate_crash = crash_run("accelerate", ACCELERATE, "acc")
+hf_crash = crash_run("transformers", lambda: HF, "hf")
+accelerate_crash = crash_run("accelerate", accelerate_launch, "acc")
 
 
 @pytest.mark.usefixtures("hf_crash")
@@ -219,7 +230,7 @@ class TestAccelerate:
     def test_both_ranks_log_each_step_once(self, tmp_path: Path) -> None:
         framework("accelerate")
         spec = spec_for(tmp_path, "acc")
-        code, out = ended(launch(ACCELERATE, spec))
+        code, out = ended(launch(accelerate_launch(), spec))
         assert code == 0, out[-3000:]
         steps = assert_each_logged_step_once(spec)
         assert steps == list(range(20))
