@@ -11,15 +11,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ranklog import ConfigError
+from ranklog.integrations._session import RankSession, check_settings
 from tests.conftest import read_jsonl
 from tests.ranks import REPO
 from tests.test_delivery import tensorboard_loss_steps
@@ -67,9 +71,11 @@ def ended(job: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str]:
     return job.returncode, out
 
 
-def spec_for(tmp_path: Path, name: str, **more: Any) -> dict[str, Any]:
+def spec_for(tmp_path: Path, name: str, *, tensorboard: bool = True, **more: Any) -> dict[str, Any]:
     base = tmp_path / name
-    settings = {"output_dir": str(base / "out"), "tensorboard_log_dir": str(base / "tb")}
+    settings = {"output_dir": str(base / "out")}
+    if tensorboard:
+        settings["tensorboard_log_dir"] = str(base / "tb")
     return {"settings": settings, "work_dir": str(base / "work"),
             "witness": str(base / "witness"), **more}  # fmt: skip
 
@@ -131,6 +137,35 @@ def assert_crash_kept_everything(spec: dict[str, Any], code: int, out: str) -> N
     assert max(steps) >= CRASH_AFTER - 2, steps  # it did train up to the crash
 
 
+class TestSettingsAndTheSession:
+    """What every adapter shares, without a framework: settings checked when it is built,
+    nothing dropped without a word."""
+
+    def test_a_misspelled_setting_names_the_adapter_and_a_suggestion(self) -> None:
+        with pytest.raises(ConfigError, match=r"RanklogX\(\) got unknown setting\(s\): "
+                           r"'wandb_projekt' \(did you mean 'wandb_project'\?\)"):  # fmt: skip
+            check_settings("RanklogX", {"output_dir": "x", "wandb_projekt": "p"})
+
+    @pytest.mark.parametrize(
+        ("settings", "problem"),
+        [({"policy": "tensorboard=avg"}, "unknown rank policy 'avg'"),
+         ({"loggers": "async,tensorbord"}, "unknown logger type"),
+         ({"run_name": "{hour}"}, "hour")],
+    )  # fmt: skip
+    def test_names_are_checked_too(self, settings: dict[str, Any], problem: str) -> None:
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            check_settings("RanklogX", settings)
+
+    def test_values_outside_training_are_said_once(self) -> None:
+        session = RankSession({"output_dir": "x"})
+        with pytest.warns(RuntimeWarning, match="values at step 3 arrived before training"):
+            session.record({"loss": 1.0}, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            session.record({"loss": 1.0}, 4)
+            session.hparams({"lr": 0.1})
+
+
 HF = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "tests/hf_job.py"]
 LIGHTNING = [sys.executable, "tests/lightning_job.py"]
 
@@ -159,7 +194,9 @@ def crash_run(
     def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crash]:
         framework(module)
         path = tmp_path_factory.mktemp(name)
-        spec = spec_for(path, name, crash_after=CRASH_AFTER, misspelled=MISSPELLED)
+        spec = spec_for(
+            path, name, crash_after=CRASH_AFTER, misspelled=MISSPELLED, tensorboard=False
+        )  # JSONL is what these check
         job = launch(command(), spec)
         yield spec, job
         ended(job)
@@ -219,7 +256,9 @@ class TestLightning:
 
     def test_a_crash_after_step_10_keeps_what_was_logged(self, tmp_path: Path) -> None:
         framework("lightning")
-        spec = spec_for(tmp_path, "pl", crash_after=CRASH_AFTER, misspelled=MISSPELLED)
+        spec = spec_for(
+            tmp_path, "pl", crash_after=CRASH_AFTER, misspelled=MISSPELLED, tensorboard=False
+        )  # JSONL is what these check
         assert_crash_kept_everything(spec, *ended(launch(LIGHTNING, spec)))
 
 

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,10 +66,7 @@ class RankSession:
         self._logger = logging.getLogger(self._settings.get("logger_name", METRICS_LOGGER))
         self._open = False
         self._hparams_sent = False
-
-    @property
-    def open(self) -> bool:
-        return self._open
+        self._said_closed = False
 
     def start(self, rank: int | None = None, world_size: int | None = None) -> None:
         """Set up on this rank (the embedded collector unless an endpoint is configured);
@@ -81,20 +79,36 @@ class RankSession:
         if endpoint is not None and rank != 0:
             settings["endpoint"] = endpoint
         setup_metric_logger(**settings)
-        self._open = True
+        self._open, self._said_closed = True, False
         if endpoint is not None and rank == 0:
             _broadcast(endpoint)
 
     def hparams(self, values: Mapping[str, Any]) -> None:
         """The run's hyper-parameters, once per run (a framework may hand them over again)."""
-        if self._open and not self._hparams_sent:
+        if not self._open:
+            self._say_closed("hyper-parameters")
+        elif not self._hparams_sent:
             self._logger.info(scalars(values), extra={"hparams": True})
             self._hparams_sent = True
 
     def record(self, values: Mapping[str, Any], step: int | None) -> None:
-        if self._open and values:
+        if not self._open:
+            self._say_closed(f"values at step {step}")
+        elif values:
             extra = {} if step is None else {"step": int(step)}
             self._logger.info(scalars(values), extra=extra)
+
+    def _say_closed(self, what: str) -> None:
+        """Values a framework hands over before training began or after it finished are
+        not logged: say so, once."""
+        if not self._said_closed:
+            self._said_closed = True
+            warnings.warn(
+                f"ranklog: {what} arrived before training began or after it finished; "
+                "they are not logged (said once until training starts again)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def finish(self, timeout: float = 60.0) -> None:
         """Flush and say goodbye (rank 0 waits for its collector to finish writing)."""

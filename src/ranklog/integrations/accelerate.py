@@ -72,9 +72,12 @@ def _reach_every_rank() -> None:
 
     @functools.wraps(init_trackers)
     def init_on_every_rank(
-        self: Accelerator, project_name: str, config: dict[str, Any] | None = None, **kw: Any
+        self: Accelerator,
+        project_name: str,
+        config: dict[str, Any] | None = None,
+        init_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        init_trackers(self, project_name, config, **kw)
+        init_trackers(self, project_name, config, init_kwargs)
         if _skipped_here():
             for tracker in _ranklog_trackers(self):
                 self.trackers.append(tracker)  # end_training() finishes it on this rank too
@@ -84,12 +87,15 @@ def _reach_every_rank() -> None:
 
     @functools.wraps(log)
     def log_on_every_rank(
-        self: Accelerator, values: dict[str, Any], step: int | None = None, **kw: Any
+        self: Accelerator,
+        values: dict[str, Any],
+        step: int | None = None,
+        log_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        log(self, values, step, **kw)
+        log(self, values, step, log_kwargs)
         if _skipped_here():
             for tracker in _ranklog_trackers(self):
-                tracker.log(values, step=step)
+                tracker.log(values, step=step, **(log_kwargs or {}).get(tracker.name, {}))
 
     log_on_every_rank._ranklog_every_rank = True  # type: ignore[attr-defined]
     Accelerator.init_trackers = init_on_every_rank
