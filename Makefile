@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[collector,torch,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[collector,torch,dev,integrations]'
 	$(PY) -m pip install -q -c constraints.txt -e '.[mlflow-server]' \
 		|| echo "make: could not install ranklog[mlflow-server]; the MLflow tests will skip" >&2
 	touch $(STAMP)

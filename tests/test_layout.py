@@ -25,6 +25,9 @@ SHARED = {
     "ranklog.reporting",
 }
 ROLES = ("rank", "collector", "backends")
+# The framework adapters run on the ranks: they use the rank side and the shared modules.
+RUNS_ON = {"integrations": "rank"}
+FRAMEWORKS = ("transformers", "lightning", "pytorch_lightning", "accelerate")
 
 
 def _module_name(path: Path) -> str:
@@ -47,7 +50,11 @@ def _allowed(importer: str, imported: str) -> bool:
     role = importer.split(".")[1] if importer.count(".") else None
     if imported in SHARED or any(imported.startswith(f"{m}.") for m in SHARED - {"ranklog"}):
         return True
-    return role is not None and imported.startswith(f"ranklog.{role}")
+    if role is None:
+        return False
+    return imported.startswith(f"ranklog.{role}") or (
+        role in RUNS_ON and imported.startswith(f"ranklog.{RUNS_ON[role]}")
+    )
 
 
 class TestRankProcessLoadsOnlyTheRankSide:
@@ -59,11 +66,22 @@ class TestRankProcessLoadsOnlyTheRankSide:
             "from ranklog import setup_metric_logger, ZMQSocketHandler\n"
             "ZMQSocketHandler('tcp://127.0.0.1:9', close_timeout=0.1)\n"
             "heavy = ('tensorboard', 'wandb', 'mlflow', 'yaml', 'rich', 'orjson', 'numpy', "
-            "'torch')\n"
+            f"'torch', *{FRAMEWORKS!r})\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
             "      or m.startswith(('ranklog.collector', 'ranklog.backends'))))\n"
         )
         out = subprocess.run([sys.executable, "-W", "ignore", "-c", script],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
+
+    def test_no_framework_after_importing_the_integrations_package(self) -> None:
+        """Only an integration module imports its framework; the package imports none."""
+        script = (
+            "import sys, ranklog, ranklog.integrations\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "[]"
@@ -101,4 +119,4 @@ class TestRolesImportOnlyThemselvesAndTheSharedModules:
         for path in PACKAGE.rglob("*.py"):
             name = _module_name(path)
             top = name.split(".")[1] if name.count(".") else None
-            assert name in SHARED or top in (*ROLES, "demo", "__main__"), name
+            assert name in SHARED or top in (*ROLES, *RUNS_ON, "demo", "__main__"), name
