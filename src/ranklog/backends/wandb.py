@@ -97,7 +97,6 @@ class WandbHandler(logging.Handler):
         self._resuming = False
         self._sync_file: str | None = None
         self._written_through: int | None = None
-        self.already_written = 0
         # (step, journal offset) of the last row handed to W&B, at each checkpoint: W&B
         # writes asynchronously, so a restart resumes from the newest mark its log covers.
         self._last_offset: int | None = None
@@ -180,8 +179,7 @@ class WandbHandler(logging.Handler):
                 self._enter_job(job)
             step = getattr(record, "step", None)
             if self._holds(record, step):
-                self.already_written += 1  # replayed after a restart; the run has it
-                return
+                return  # replayed after a restart; the run has it
             if self._run is None and not self._setup(record):
                 self.dropped += 1
                 return

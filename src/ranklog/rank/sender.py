@@ -28,7 +28,7 @@ from ranklog.rank.closing import Ending
 from ranklog.rank.curve import CurveKeys, curve_keys
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import RankIdentity
-from ranklog.rank.outbox import Outbox, Pending
+from ranklog.rank.outbox import Outbox
 from ranklog.rank.resend import RefusalNotice, ResendRule, SilenceNotice
 from ranklog.rank.settings import Lock, SenderSettings
 from ranklog.rank.system import SystemSampler, system_metrics_wanted
@@ -61,7 +61,8 @@ class Sender:
     spills first, then does what it would have done (:mod:`ranklog.rank.signals`).
 
     To send a record: ``seq = sender.next_seq()``, pack the envelope with that seq
-    (``RecordEncoder.record(seq, log_record)``), then ``sender.put(seq, packed)``.
+    (``RecordEncoder.record(seq, log_record)``), then ``sender.outbox.put(seq, packed)``
+    and, if ``sender.asleep``, ``sender.wake()``.
     """
 
     def __init__(
@@ -134,12 +135,6 @@ class Sender:
         self.handle_signals = signals.signals_wanted(handle_signals)
         if self.handle_signals:
             signals.watch(self)
-
-    def put(self, seq: int, data: bytes | Pending) -> None:
-        """Hand over a packed envelope numbered ``seq`` (from :meth:`next_seq`)."""
-        self.outbox.put(seq, data)
-        if self.asleep:
-            self.wake()
 
     def start(self) -> None:
         """Connect and say hello now rather than at the first record."""
