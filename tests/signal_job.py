@@ -48,7 +48,7 @@ def main() -> int:
         metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
     handler.flush()
     collector = rank_setup._embedded_collector
-    (talk / f"ready{rank}").write_text(str(collector.pid if collector else ""))
+    (talk / f"ready{rank}").write_text(str(collector.proc.pid if collector else ""))
     while not (talk / "go").exists():
         time.sleep(0.02)
     for step in range(before, before + burst):

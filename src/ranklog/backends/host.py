@@ -126,27 +126,33 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
         backend.request_close()
     clean = all([backend.close_within(deadline) for backend in backends])
     retention(backends, now=float("inf"))
-    abandoned = [backend for backend in backends if backend.abandoned]
-    if abandoned:
-        # An abandoned backend may hold its handler's lock (logging.shutdown would wait on it
-        # at exit) or an SDK exit hook that never returns; everything else is flushed and
-        # closed already, so leave without running those hooks. An SDK's hook that completes
-        # a healthy run on disk (W&B's) gets a bounded chance first, unless it is the one hung.
-        _log.error(
-            "exiting without the abandoned backend(s): %s",
-            ", ".join(str(backend.name) for backend in abandoned),
-        )
-        hung = {type(backend.sink.handler) for backend in abandoned}
-        teardowns = {
-            type(backend.sink.handler): backend.sink.exit_teardown
-            for backend in backends
-            if backend.sink.exit_teardown is not None and type(backend.sink.handler) not in hung
-        }
-        for teardown in teardowns.values():
-            teardown(2.0)
-        sys.stderr.flush()
-        os._exit(1)
+    if any(backend.abandoned for backend in backends):
+        _exit_abandoning(backends)
     return 0 if clean else 1
+
+
+def _exit_abandoning(backends: list[Runner]) -> None:
+    """Leave the process now, without the backends that did not drain in time.
+
+    An abandoned backend may hold its handler's lock (logging.shutdown would wait on it at
+    exit) or an SDK exit hook that never returns; everything else is flushed and closed
+    already, so leave without running those hooks. An SDK's hook that completes a healthy
+    run on disk (W&B's) gets a bounded chance first, unless it is the one hung."""
+    abandoned = [backend for backend in backends if backend.abandoned]
+    _log.error(
+        "exiting without the abandoned backend(s): %s",
+        ", ".join(str(backend.name) for backend in abandoned),
+    )
+    hung = {type(backend.sink.handler) for backend in abandoned}
+    teardowns = {
+        type(backend.sink.handler): backend.sink.exit_teardown
+        for backend in backends
+        if backend.sink.exit_teardown is not None and type(backend.sink.handler) not in hung
+    }
+    for teardown in teardowns.values():
+        teardown(2.0)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def main() -> int:

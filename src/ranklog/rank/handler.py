@@ -14,7 +14,7 @@ import weakref
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import RankIdentity, derived_endpoint, detect_identity, new_incarnation
 from ranklog.rank.outbox import Outbox
-from ranklog.rank.sender import Sender, SenderSettings, curve_keys
+from ranklog.rank.sender import Sender, SenderConfig, SenderSettings, curve_keys
 
 _live_handlers: weakref.WeakSet[ZMQSocketHandler] = weakref.WeakSet()
 
@@ -87,23 +87,21 @@ class ZMQSocketHandler(logging.Handler):
             rank=rank, local_rank=local_rank, world_size=world_size, run_id=run_id
         )
         self._encoder = RecordEncoder(identity)
-        self._sender = Sender(
-            identity,
+        config = SenderConfig(
             endpoint or derived_endpoint(identity),
             max_records=max_records,
             max_bytes=max_bytes,
             close_timeout=close_timeout,
             close_limit=close_limit,
-            settings=settings,
+            settings=settings or SenderSettings(),
             curve=curve_keys(curve_server_key, curve_key_file),
-            converted=self._converted,
             spill_dir=spill_dir,
-            collector_log=collector_log,
+            collector_log=None if collector_log is None else os.fspath(collector_log),
             system_metrics=system_metrics,
             system_interval=system_interval,
-            record_lock=self.lock,
             handle_signals=handle_signals,
         )
+        self._sender = Sender(identity, config, converted=self._converted, record_lock=self.lock)
         _live_handlers.add(self)
 
     def _converted(self) -> int:
@@ -128,7 +126,7 @@ class ZMQSocketHandler(logging.Handler):
             seq = sender.next_seq()
             # Straight to the outbox: a Sender method around it costs some 60 ns a record.
             sender.outbox.put(seq, self._encoder.record(seq, record))
-            if sender.asleep:
+            if sender.link.asleep:
                 sender.wake()
         except Exception:
             self.handleError(record)
