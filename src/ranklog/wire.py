@@ -33,20 +33,16 @@ RESERVED_EXTRA_KEYS = STANDARD_ATTRS | {"rank", "local_rank", "world_size", "hos
 class Rule(NamedTuple):
     """What a field's value must be.
 
-    ``check`` is the rule itself. ``inline`` is a Python expression over ``{v}`` (the value,
-    ``_MISSING`` when the key is absent) for the fast path in :func:`decode`; it may be
-    stricter than ``check`` (a value it refuses goes to ``check``, which decides) but never
-    more lenient.
+    ``check`` is the rule itself (its argument is ``_MISSING`` when the key is absent).
 
     ``typed`` is the rule as a msgspec type (given the ``msgspec`` module, which the rank side
     never imports) for the collector's typed fast path (:func:`decode`, and the backends'
-    :func:`decode_journaled_record`); like ``inline`` it may be stricter than ``check``,
-    never more lenient. ``rest``: what the type cannot say (which keys are reserved),
-    checked on a value the type took.
+    :func:`decode_journaled_record`); it may be stricter than ``check`` (a value it refuses
+    goes to ``check``, which decides), never more lenient. ``rest``: what the type cannot
+    say (which keys are reserved), checked on a value the type took.
     """
 
     check: Callable[[Any], bool]
-    inline: str
     typed: Callable[[Any], Any] | None = None
     rest: Callable[[Any], bool] | None = None
 
@@ -65,17 +61,13 @@ _MISSING: Any = object()
 def _int(minimum: int) -> Rule:
     return Rule(
         lambda v: type(v) is int and v >= minimum,
-        f"type({{v}}) is int and {{v}} >= {minimum}",
         lambda ms: Annotated[int, ms.Meta(ge=minimum)],
     )
 
 
 def _optional_int(minimum: int) -> Rule:
     """An int >= ``minimum``, or absent: a field v1 ranks or collectors may leave out."""
-    return Rule(
-        lambda v: v is _MISSING or (type(v) is int and v >= minimum),
-        f"({{v}} is _MISSING or (type({{v}}) is int and {{v}} >= {minimum}))",
-    )
+    return Rule(lambda v: v is _MISSING or (type(v) is int and v >= minimum))
 
 
 def _is_extra(value: Any) -> bool:
@@ -86,30 +78,25 @@ def _is_extra(value: Any) -> bool:
 
 _NAME = Rule(
     lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS,
-    "type({v}) is str and 0 < len({v}) <= MAX_NAME_CHARS",
     lambda ms: Annotated[str, ms.Meta(min_length=1, max_length=MAX_NAME_CHARS)],
 )
 # The typed fast path takes the values ranks send (numbers, text, flags, nil; lists and maps
 # of them one level deep); anything else (bytes, deeper nesting) goes the untyped way.
 _SCALAR = bool | int | float | str | None
 _VALUE = _SCALAR | list[_SCALAR] | dict[str, _SCALAR]
-_NUMBER = Rule(lambda v: isinstance(v, int | float), "type({v}) is float", lambda ms: int | float)
-_FLAG = Rule(lambda v: isinstance(v, bool), "type({v}) is bool", lambda ms: bool)
+_NUMBER = Rule(lambda v: isinstance(v, int | float), lambda ms: int | float)
+_FLAG = Rule(lambda v: isinstance(v, bool), lambda ms: bool)
 # Present even when nil: a missing key reads as ``_MISSING``, which neither form accepts.
 _INT_OR_NIL = Rule(
     lambda v: v is None or type(v) is int,
-    "({v} is None or type({v}) is int)",
     lambda ms: int | None,
 )
 _MAP_OR_TEXT = Rule(
     lambda v: isinstance(v, dict | str),
-    "(type({v}) is dict or type({v}) is str)",
     lambda ms: dict[str, _VALUE] | str,
 )
 _EXTRA = Rule(
     _is_extra,
-    "type({v}) is dict and (not {v} or (RESERVED_EXTRA_KEYS.isdisjoint({v})"
-    " and all(type(k) is str for k in {v})))",
     lambda ms: dict[str, _VALUE],
     rest=RESERVED_EXTRA_KEYS.isdisjoint,
 )
@@ -211,8 +198,7 @@ def _decode_untyped(frame: bytes) -> dict[str, Any]:
     kind = envelope.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ProtocolError("unknown-kind", f"expected one of {sorted(KINDS)}, got {kind!r:.40}")
-    if kind != RECORD or not _plainly_valid_record(envelope):
-        _validate(envelope, kind)
+    _validate(envelope, kind)
     return envelope
 
 
@@ -313,32 +299,6 @@ def _typed_records() -> _TypedRecords:
     if _TYPED is None:
         _TYPED = _TypedRecords()
     return _TYPED
-
-
-def _compile_fast_record_check() -> Callable[[dict[Any, Any]], bool]:
-    """One expression over every field of a record, generated from ``ENVELOPE``.
-
-    Decoding is most of the collector's receive loop. Calling each field's ``check`` costs a
-    Python call per field; this is what a hand-unrolled check would be, written once from the
-    table: ``_r0 = e.get("run", _MISSING)`` ... ``return type(_r0) is str and ...``.
-    """
-    fields = [f for f in ENVELOPE if RECORD in f.kinds]
-    gets = "".join(f"    _r{i} = e.get({f.name!r}, _MISSING)\n" for i, f in enumerate(fields))
-    test = "\n        and ".join(f.rule.inline.format(v=f"_r{i}") for i, f in enumerate(fields))
-    source = f"def plainly_valid_record(e):\n{gets}    return (\n        {test}\n    )\n"
-    namespace: dict[str, Any] = {
-        "_MISSING": _MISSING,
-        "MAX_NAME_CHARS": MAX_NAME_CHARS,
-        "RESERVED_EXTRA_KEYS": RESERVED_EXTRA_KEYS,
-    }
-    exec(compile(source, "<ranklog.wire record check>", "exec"), namespace)
-    check: Callable[[dict[Any, Any]], bool] = namespace["plainly_valid_record"]
-    return check
-
-
-# True for a record envelope as ranks send them; anything else goes to ``_validate``, which
-# decides and names the field.
-_plainly_valid_record = _compile_fast_record_check()
 
 
 def _validate(envelope: dict[Any, Any], kind: str) -> None:
