@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ranklog"
 SHARED = {
     "ranklog",
     "ranklog.wire",
+    "ranklog.envelope",
     "ranklog.journal",
     "ranklog.pipe",
     "ranklog.names",

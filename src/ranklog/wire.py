@@ -4,26 +4,31 @@ Never pickle: a frame decodes to plain maps, lists, strings and numbers, and eve
 checked before the collector trusts it. Shared by the rank side (which packs envelopes,
 ``ranklog.rank.encoder``) and the collector (which decodes and validates them). The
 collector first tries msgspec decoders generated from the same table (typed, checked in
-C; its ``collector`` extra, which the rank side never imports); what they refuse goes to
-msgpack and the table, which decide and name the reason.
+C; its ``collector`` extra, which the rank side never imports) into the static record type
+of ``ranklog.envelope``; what they refuse goes to msgpack and the table, which decide and
+name the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import msgpack
 
 from ranklog.errors import ProtocolError
+from ranklog.names import MAX_NAME_CHARS
+
+if TYPE_CHECKING:
+    from ranklog.envelope import RecordEnvelope
 
 PROTOCOL_VERSION = 1
 RECORD, HELLO, HEARTBEAT, GOODBYE, ACK = "record", "hello", "heartbeat", "goodbye", "ack"
 KINDS = frozenset({RECORD, HELLO, HEARTBEAT, GOODBYE, ACK})
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-MAX_NAME_CHARS = 1024
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -33,17 +38,13 @@ RESERVED_EXTRA_KEYS = STANDARD_ATTRS | {"rank", "local_rank", "world_size", "hos
 class Rule(NamedTuple):
     """What a field's value must be.
 
-    ``check`` is the rule itself (its argument is ``_MISSING`` when the key is absent).
-
-    ``typed`` is the rule as a msgspec type (given the ``msgspec`` module, which the rank side
-    never imports) for the collector's typed fast path (:func:`decode`, and the backends'
-    :func:`decode_journaled_record`); it may be stricter than ``check`` (a value it refuses
-    goes to ``check``, which decides), never more lenient. ``rest``: what the type cannot
-    say (which keys are reserved), checked on a value the type took.
+    ``check`` is the rule itself (its argument is ``_MISSING`` when the key is absent). The
+    collector's typed fast path has the same rule as a type (``ranklog.envelope``), which
+    may be stricter, never more lenient; ``rest``: what the type cannot say (which keys are
+    reserved), checked on a value the type took.
     """
 
     check: Callable[[Any], bool]
-    typed: Callable[[Any], Any] | None = None
     rest: Callable[[Any], bool] | None = None
 
 
@@ -59,10 +60,7 @@ _MISSING: Any = object()
 
 
 def _int(minimum: int) -> Rule:
-    return Rule(
-        lambda v: type(v) is int and v >= minimum,
-        lambda ms: Annotated[int, ms.Meta(ge=minimum)],
-    )
+    return Rule(lambda v: type(v) is int and v >= minimum)
 
 
 def _optional_int(minimum: int) -> Rule:
@@ -78,26 +76,18 @@ def _is_extra(value: Any) -> bool:
 
 _NAME = Rule(
     lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS,
-    lambda ms: Annotated[str, ms.Meta(min_length=1, max_length=MAX_NAME_CHARS)],
 )
-# The typed fast path takes the values ranks send (numbers, text, flags, nil; lists and maps
-# of them one level deep); anything else (bytes, deeper nesting) goes the untyped way.
-_SCALAR = bool | int | float | str | None
-_VALUE = _SCALAR | list[_SCALAR] | dict[str, _SCALAR]
-_NUMBER = Rule(lambda v: isinstance(v, int | float), lambda ms: int | float)
-_FLAG = Rule(lambda v: isinstance(v, bool), lambda ms: bool)
+_NUMBER = Rule(lambda v: isinstance(v, int | float))
+_FLAG = Rule(lambda v: isinstance(v, bool))
 # Present even when nil: a missing key reads as ``_MISSING``, which neither form accepts.
 _INT_OR_NIL = Rule(
     lambda v: v is None or type(v) is int,
-    lambda ms: int | None,
 )
 _MAP_OR_TEXT = Rule(
     lambda v: isinstance(v, dict | str),
-    lambda ms: dict[str, _VALUE] | str,
 )
 _EXTRA = Rule(
     _is_extra,
-    lambda ms: dict[str, _VALUE],
     rest=RESERVED_EXTRA_KEYS.isdisjoint,
 )
 
@@ -209,22 +199,23 @@ def decode_journaled(frame: bytes) -> dict[str, Any]:
     return envelope
 
 
-def decode_journaled_record(frame: bytes) -> Any:
-    """A journaled record as a typed struct (attributes named as the envelope's keys), or
-    None: not a record, not the shape the typed path takes, or no msgspec (then use
+def decode_journaled_record(frame: bytes) -> RecordEnvelope | None:
+    """A journaled record as a :class:`~ranklog.envelope.RecordEnvelope`, or None: not a
+    record, not the shape the typed path takes, or no msgspec (then use
     :func:`decode_journaled`). Its class's ``flat`` is True when ``msg`` is a dict of
     str keys and plain values (numbers, text, flags, nil), as ranks usually send."""
     return _typed_records().journaled(frame)
 
 
-def journaled_record_decoder() -> Callable[[bytes], Any]:
+def journaled_record_decoder() -> Callable[[bytes], RecordEnvelope | None]:
     """:func:`decode_journaled_record` itself, for a loop over many entries."""
     return _typed_records().journaled
 
 
 class _TypedRecords:
-    """msgspec decoders generated from ``ENVELOPE``: a record envelope as ranks send it,
-    decoded and checked in C. Whatever they refuse goes the untyped way, which decides."""
+    """msgspec decoders of ``ranklog.envelope``'s static record type: a record envelope as
+    ranks send it, decoded and checked in C. Whatever they refuse goes the untyped way,
+    which decides."""
 
     def __init__(self) -> None:
         self.general: Any = None
@@ -235,28 +226,23 @@ class _TypedRecords:
         fields = [f for f in ENVELOPE if RECORD in f.kinds]
         try:
             import msgspec
+
+            from ranklog import envelope
         except ImportError:  # the collector extra is not installed: the untyped way only
             return
-        if any(f.rule.typed is None for f in fields):
-            return  # a field without a type: the fast path would be more lenient
-        spec = [("v", Literal[1]), ("kind", Literal["record"])]
-        spec += [(f.name, f.rule.typed(msgspec)) for f in fields]  # type: ignore[misc]
-        # For decode: a plain dict, checked in C. A TypedDict skips unknown keys, so the
-        # map must have exactly these (the untyped way keeps unknown ones: it decides).
-        checked = TypedDict("RecordEnvelope", dict(spec))  # type: ignore[misc]  # noqa: UP013
+        names = envelope.RecordEnvelope.__struct_fields__
+        if names != ("v", "kind", *(f.name for f in fields)):
+            return  # the struct does not say what the table says: the table decides alone
+        hints = typing.get_type_hints(envelope.RecordEnvelope, include_extras=True)
+        # For decode: a plain dict, checked in C, with the struct's types. A TypedDict skips
+        # unknown keys, so the map must have exactly these (the untyped way keeps unknown
+        # ones: it decides).
+        spec = {name: hints[name] for name in names}
+        checked = TypedDict("RecordEnvelopeMap", spec)  # type: ignore[misc]
         self.checked = msgspec.msgpack.Decoder(checked)
         self.header = _map_headers(len(spec))
-        # gc=False: nothing in an envelope refers back to it (its dicts are still tracked).
-        options: dict[str, Any] = {"forbid_unknown_fields": True, "gc": False}
-        general = msgspec.defstruct("RecordEnvelope", spec, namespace={"flat": False}, **options)
-        flat = msgspec.defstruct(
-            "FlatRecordEnvelope",
-            [("msg", dict[str, _SCALAR])],
-            bases=(general,),
-            namespace={"flat": True},
-            **options,
-        )
-        self.general, self.flat = msgspec.msgpack.Decoder(general), msgspec.msgpack.Decoder(flat)
+        self.general = msgspec.msgpack.Decoder(envelope.RecordEnvelope)
+        self.flat = msgspec.msgpack.Decoder(envelope.FlatRecordEnvelope)
         self.rest = tuple((f.name, f.rule.rest) for f in fields if f.rule.rest is not None)
 
     def envelope(self, frame: bytes) -> dict[str, Any] | None:
@@ -272,15 +258,15 @@ class _TypedRecords:
                 return None
         return envelope
 
-    def journaled(self, frame: bytes) -> Any:
+    def journaled(self, frame: bytes) -> RecordEnvelope | None:
         if self.general is None:
             return None
         try:
-            return self.flat.decode(frame)
+            return self.flat.decode(frame)  # type: ignore[no-any-return]
         except Exception:
             pass
         try:
-            return self.general.decode(frame)
+            return self.general.decode(frame)  # type: ignore[no-any-return]
         except Exception:
             return None
 

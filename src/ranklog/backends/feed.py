@@ -25,6 +25,7 @@ from typing import Any
 
 from ranklog.backends.checkpoints import Checkpoints
 from ranklog.backends.policies import RankPolicy
+from ranklog.backends.protocol import EnvelopeItem
 from ranklog.backends.sink import Sink
 from ranklog.journal import DamageReport, Entry, read_entries
 from ranklog.wire import journaled_record_decoder
@@ -236,7 +237,7 @@ class Feed:
         an entry that does not decode to the typed struct) as LogRecords, in journal order.
         ``offset`` is past an entry only once what it brought was handed on."""
         sink = self.sink
-        batch: list[tuple[Any, int, int]] | None = (
+        batch: list[EnvelopeItem] | None = (
             [] if self.policy is None and sink.takes_envelopes else None
         )
         reaches, decode, count = sink.route.reaches_logger, journaled_record_decoder(), 0
@@ -250,7 +251,7 @@ class Feed:
                 if record is not None and self._take(record) is REWOUND:
                     return count, REWOUND
             elif reached:
-                assert batch is not None
+                assert batch is not None and typed is not None
                 batch.append((typed, start, end))
                 if len(batch) == _BATCH and self._deliver_batch(batch, end) is REWOUND:
                     return count, REWOUND
@@ -262,7 +263,7 @@ class Feed:
             return count, REWOUND
         return count, DELIVERED
 
-    def _deliver_batch(self, batch: list[tuple[Any, int, int]], read_to: int) -> Outcome:
+    def _deliver_batch(self, batch: list[EnvelopeItem], read_to: int) -> Outcome:
         """Hand on ``batch``; then the journal is read to ``read_to``."""
         error = self.sink.deliver_envelopes(batch)
         if error is not None and self._write_failed(error, "failed on a record") is REWOUND:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ranklog.backends.arguments import reject_unknown
 from ranklog.backends.owned_files import OwnedFiles, cut_back
+from ranklog.backends.protocol import EnvelopeItem
 from ranklog.backends.records import build_record
 from ranklog.filters import IsMappingFilter
 from ranklog.flatten import flatten_dict
@@ -239,7 +240,7 @@ class AsyncStructuredHandler(logging.Handler):
             type(f) is IsMappingFilter for f in self.filters
         )
 
-    def handle_envelopes(self, batch: Sequence[tuple[Any, int, int]]) -> None:
+    def handle_envelopes(self, batch: Sequence[EnvelopeItem]) -> None:
         """``handle()`` for each record of ``batch``, as the lines ``emit`` writes. The
         timestamp goes to orjson as a datetime: it writes ``isoformat()``'s text, in C."""
         encode, stamp, out, rank = self._encode, datetime.fromtimestamp, None, None
@@ -256,7 +257,7 @@ class AsyncStructuredHandler(logging.Handler):
                         rank = (envelope.rank, envelope.local_rank)
                         out = self._file_for(rank, item)
                     # A flat message was decoded for this backend alone: it is the entry.
-                    entry = msg if envelope.flat else _flatten(msg)
+                    entry: dict[str, Any] = msg if envelope.flat else _flatten(msg)
                     if envelope.step is not None:
                         entry.setdefault("step", envelope.step)
                     if "timestamp" not in entry:
@@ -270,7 +271,7 @@ class AsyncStructuredHandler(logging.Handler):
                 except Exception:
                     self.handleError(build_record(*batch[-1]))
 
-    def _file_for(self, rank: tuple[int, int], item: tuple[Any, int, int]) -> _JsonlFile:
+    def _file_for(self, rank: tuple[int, int], item: EnvelopeItem) -> _JsonlFile:
         path = self._paths.get(rank)
         if path is None:
             path = self.path_for(build_record(*item))

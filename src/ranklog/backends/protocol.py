@@ -26,9 +26,16 @@ inherit from anything here. Each record carries its place in the journal as two 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ranklog.backends.owned_files import OwnedFiles
+
+if TYPE_CHECKING:
+    from ranklog.envelope import RecordEnvelope
+
+#: A journaled record for :class:`TakesEnvelopes`: its envelope, and where its entry starts
+#: and ends in the journal.
+EnvelopeItem = tuple["RecordEnvelope", int, int]
 
 #: Record attribute: the journal offset where the record's entry ends. A backend that writes
 #: asynchronously (W&B) checkpoints this to say, after a crash, how far it really got.
@@ -95,9 +102,9 @@ class TakesEnvelopes(Protocol):
         """True if every filter of the handler is one :meth:`handle_envelopes` applies."""
         ...
 
-    def handle_envelopes(self, batch: Sequence[tuple[Any, int, int]]) -> None:
+    def handle_envelopes(self, batch: Sequence[EnvelopeItem]) -> None:
         """Handle ``(envelope, start, end)`` for each record of ``batch``, in order: the
-        typed struct of :func:`ranklog.wire.decode_journaled_record` and where its entry
+        :class:`~ranklog.envelope.RecordEnvelope` and where its entry
         lies in the journal (the LogRecord's :data:`START_ATTR` and :data:`OFFSET_ATTR`)."""
         ...
 

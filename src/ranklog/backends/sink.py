@@ -18,13 +18,22 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ranklog.backends.protocol import HasExitTeardown, Resumable, Rewindable, TakesEnvelopes
+from ranklog.backends.protocol import (
+    EnvelopeItem,
+    HasExitTeardown,
+    Resumable,
+    Rewindable,
+    TakesEnvelopes,
+)
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.reporting import ReportOnce
 from ranklog.wire import RECORD, decode_journaled, decode_journaled_record
+
+if TYPE_CHECKING:
+    from ranklog.envelope import RecordEnvelope
 
 _log = logging.getLogger(__name__)
 
@@ -69,11 +78,13 @@ class Sink:
         return self.report.total()
 
     def record(
-        self, frame: bytes, start: int, end: int, typed: Any = None
+        self, frame: bytes, start: int, end: int, typed: RecordEnvelope | None = None
     ) -> logging.LogRecord | None:
         """The LogRecord of a journaled record, if it reaches this backend."""
         try:
-            envelope = typed if typed is not None else decode_journaled_record(frame)
+            envelope: RecordEnvelope | dict[str, Any] | None = typed or decode_journaled_record(
+                frame
+            )
             if envelope is None:
                 envelope = decode_journaled(frame)
                 if envelope["kind"] != RECORD:
@@ -93,7 +104,7 @@ class Sink:
         """``handle(record)``; the write error it met, if one."""
         return self._call(self.handler.handle, record)
 
-    def deliver_envelopes(self, batch: Sequence[tuple[Any, int, int]]) -> OSError | None:
+    def deliver_envelopes(self, batch: Sequence[EnvelopeItem]) -> OSError | None:
         """Hand on ``batch`` (see :class:`~.protocol.TakesEnvelopes`); a write error."""
         assert self._envelopes is not None
         # The handler reports each record's own errors; what escapes is a write error or a bug.
