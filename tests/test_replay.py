@@ -208,7 +208,7 @@ class TestOutcomes:
         handler = FailsOnce(log_dir=tmp_path, run_name="all")
         feed = Feed(Sink(handler, Route([logging.getLogger("m")]), name="jsonl"), clock=clock)
         feed.resume(journal.path, tmp_path / STATE_DIR)
-        assert feed.step(journal.durable_end) is Outcome.REWOUND
+        assert feed.read_on(journal.durable_end) is Outcome.REWOUND
         assert feed.offset == 0  # back to the checkpoint: the first record is cut back
         clock.now += 1  # the retry
         feed.run_until(journal.durable_end)

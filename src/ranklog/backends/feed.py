@@ -41,13 +41,13 @@ Clock = Callable[[], float]
 
 
 class Outcome(enum.Enum):
-    """What a step of a feed came to."""
+    """What one :meth:`Feed.read_on` came to."""
 
     #: Read on (a record the backend failed on is reported, and costs that record only).
     DELIVERED = "delivered"
     #: A write error: back at the last checkpoint, reading again from there after a pause.
     REWOUND = "rewound"
-    #: A bug escaped the step (reported): pause before the next.
+    #: A bug escaped (reported): pause before the next call.
     FAILED = "failed"
 
 
@@ -105,22 +105,22 @@ class Feed:
         """The lowest journal offset this backend may read again: none before it is needed."""
         return self.checkpoints.needed_from(self.offset)
 
-    # -- one step of work, on whichever thread runs it ------------------------------------
+    # -- one round of work, on whichever thread runs it -----------------------------------
 
-    def step(self, end: int) -> Outcome:
+    def read_on(self, end: int) -> Outcome:
         """Do what is due by the clock: rebuild the policy, hand on what its deadlines
         release, read the journal on towards ``end`` (a chunk), checkpoint."""
         try:
-            return self._step(end, self.clock())
+            return self._read_on(end, self.clock())
         except Exception:  # a bug must cost a record, never the backend
             self.sink.failure("failed")
             return FAILED
 
-    def _step(self, end: int, now: float) -> Outcome:
+    def _read_on(self, end: int, now: float) -> Outcome:
         if self._resume_pending and now >= self._retry_at and self._resume_policy() is REWOUND:
             return REWOUND
         policy = None if self._resume_pending else self.policy
-        if policy is not None and self._deliver(self._policy_step(policy.due, now)) is REWOUND:
+        if policy is not None and self._deliver(self._policy_call(policy.due, now)) is REWOUND:
             return REWOUND
         if self.offset < end and now >= self._retry_at and self._follow(end, now) is REWOUND:
             return REWOUND
@@ -135,7 +135,7 @@ class Feed:
         return self._write_failed(error, "could not write its checkpoint")
 
     def next_due(self) -> float:
-        """When, by the clock, :meth:`step` next has more to do than read new entries: a
+        """When, by the clock, :meth:`read_on` next has more to do than read new entries: a
         checkpoint, a retry, a policy deadline."""
         wake = max(self.checkpoints.next_due, self._retry_at)
         policy = None if self._resume_pending else self.policy  # a stale one's deadlines
@@ -150,10 +150,10 @@ class Feed:
     def run_until(self, end: int) -> None:
         """Step until the journal is read to ``end``, or until a retry must wait for the
         clock (a write error, an unreadable entry). Never waits or sleeps."""
-        self.step(end)
+        self.read_on(end)
         while self.offset < end and self.clock() >= self.retry_at:
             before = self.offset
-            if self.step(end) is FAILED and self.offset == before:
+            if self.read_on(end) is FAILED and self.offset == before:
                 break
 
     def finish(self) -> bool:
@@ -167,7 +167,7 @@ class Feed:
             return False  # what is not written stays in the journal: the next start writes it
         if (
             self.policy is not None
-            and self._deliver(self._policy_step(self.policy.drain)) is REWOUND
+            and self._deliver(self._policy_call(self.policy.drain)) is REWOUND
         ):
             return False
         error = self.checkpoints.write(self.offset, self.policy)
@@ -197,10 +197,10 @@ class Feed:
                 if record is None:
                     continue
                 if start in held:
-                    if self._deliver(self._policy_step(policy.accept, record, now)) is REWOUND:
+                    if self._deliver(self._policy_call(policy.accept, record, now)) is REWOUND:
                         return REWOUND
                 elif remember is not None and start >= remember:
-                    self._policy_step(policy.remember, record, now)
+                    self._policy_call(policy.remember, record, now)
         self._resume_pending = False
         return DELIVERED
 
@@ -275,11 +275,11 @@ class Feed:
     def _take(self, record: logging.LogRecord) -> Outcome:
         if self.policy is None:
             return self._deliver((record,))
-        return self._deliver(self._policy_step(self.policy.accept, record, self.clock()))
+        return self._deliver(self._policy_call(self.policy.accept, record, self.clock()))
 
-    def _policy_step(self, step: Any, *args: Any) -> list[logging.LogRecord]:
+    def _policy_call(self, method: Any, *args: Any) -> list[logging.LogRecord]:
         try:
-            return step(*args)  # type: ignore[no-any-return]
+            return method(*args)  # type: ignore[no-any-return]
         except Exception:
             self.sink.failure("its rank policy failed on a record")
             return []

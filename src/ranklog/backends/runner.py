@@ -5,7 +5,7 @@ collector has made durable. A slow or hung backend falls behind in the file, nev
 memory, and never delays the receive loop or the other backends. The work itself (route,
 rank policy, handler, checkpoints) is the backend's :class:`~.feed.Feed`; the
 :class:`Runner` here only owns the thread (as the stdlib's ``QueueListener`` does): it waits
-for the journal to grow or for the feed's next deadline, and steps it.
+for the journal to grow or for the feed's next deadline, and calls its ``read_on``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Runner:
                     self._wake.wait(max(0.0, feed.next_due() - now))
                 end, closing = self._durable_end, self._closing
             now = clock()
-            if feed.step(end) is FAILED:
+            if feed.read_on(end) is FAILED:
                 time.sleep(0.1)  # a bug: do not spin on it
             if closing and feed.offset >= end:
                 break
