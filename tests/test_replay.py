@@ -214,3 +214,29 @@ class TestOutcomes:
         feed.run_until(journal.durable_end)
         assert feed.finish()
         assert [row["x"] for row in read_jsonl(tmp_path / "all.jsonl")] == [1, 2]
+
+    def test_a_file_opened_after_the_checkpoint_is_cut_back_after_a_crash(
+        self, tmp_path: Path
+    ) -> None:
+        """The checkpoint lists a new file before anything is written to it: a crash after
+        writing to it, before the next checkpoint, still cuts it back (no duplicate)."""
+
+        def jsonl_backend() -> tuple[AsyncStructuredHandler, Feed]:
+            handler = AsyncStructuredHandler(log_dir=tmp_path)  # a file per rank
+            sink = Sink(handler, Route([logging.getLogger("m")]), name="jsonl")
+            return handler, Feed(sink, clock=FakeClock())
+
+        journal = journal_of(tmp_path, envelope(0, 1, {"x": 1}))
+        handler, feed = jsonl_backend()
+        feed.resume(journal.path, tmp_path / STATE_DIR)
+        feed.read_on(journal.durable_end)  # and a checkpoint: rank 0's file
+        journal.append(envelope(1, 1, {"x": 2}))  # rank 1: a new file
+        journal.sync()
+        feed.read_on(journal.durable_end)  # no checkpoint due by the clock
+        handler.flush()  # on disk, past the last checkpoint; then the process dies
+        handler, feed = jsonl_backend()
+        feed.resume(journal.path, tmp_path / STATE_DIR)
+        feed.run_until(journal.durable_end)
+        assert feed.finish()
+        rows = read_jsonl(tmp_path / "training_params_and_metrics_global1.jsonl")
+        assert [row["x"] for row in rows] == [2]
