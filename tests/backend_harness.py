@@ -19,10 +19,12 @@ from typing import Any
 
 import msgpack
 
+from ranklog.backends.feed import Feed
 from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.policies import make_policy
 from ranklog.backends.route import detach_handlers
-from ranklog.backends.runner import BackendRunner
+from ranklog.backends.runner import Runner
+from ranklog.backends.sink import Sink
 from ranklog.journal import STATE_DIR, Journal, journal_path
 
 
@@ -53,7 +55,8 @@ def main() -> None:
     factory = partial(make_policy, policy, "jsonl", rename=False, timeout=60, world_size=2)
     logger.addHandler(handler)
     [(_, route)] = detach_handlers([logger])
-    backend = BackendRunner(handler, route, name="jsonl", policy=factory if policy else None)
+    feed = Feed(Sink(handler, route, name="jsonl"), policy=factory if policy else None)
+    backend = Runner(feed)
 
     def append(*frames: bytes) -> None:
         for frame in frames:
@@ -77,7 +80,7 @@ def main() -> None:
         backend.attach_journal(journal.path, out / STATE_DIR)
         backend.advance(journal.durable_end)
         time.sleep(1.5)  # checkpointed: both rank files
-        backend.checkpoint_interval = 3600
+        feed.checkpoints.interval = 3600
         time.sleep(1.1)  # the checkpoint already due is taken; no more after it
         append(envelope(1, 10, {"loss": 10}), envelope(1, 11, {"loss": 11}))
         backend.advance(journal.durable_end)

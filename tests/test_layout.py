@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ranklog"
 SHARED = {
     "ranklog",
     "ranklog.wire",
+    "ranklog.envelope",
     "ranklog.journal",
     "ranklog.pipe",
     "ranklog.names",
@@ -120,3 +121,66 @@ class TestRolesImportOnlyThemselvesAndTheSharedModules:
             name = _module_name(path)
             top = name.split(".")[1] if name.count(".") else None
             assert name in SHARED or top in (*ROLES, *RUNS_ON, "demo", "__main__"), name
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Each module of ``src/ranklog`` -> the modules of it that it imports anywhere: at the
+    top, inside a function, or only for type checking (``from X import Y`` names module
+    ``X.Y`` if that is a module, else ``X``)."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    found.add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {other for other in found if other in modules and other != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of ``graph`` with more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(graph[module]):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                other = stack.pop()
+                component.append(other)
+                if other == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+class TestNoImportCycles:
+    """Modules import one way: no module reaches itself through imports, type-only and
+    function-level ones included (a cycle is two modules that each need the other)."""
+
+    def test_src_has_no_import_cycle(self) -> None:
+        assert _cycles(_import_graph()) == []
+
+    def test_the_check_sees_a_type_only_cycle(self) -> None:
+        graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+        assert _cycles(graph) == [["a", "b", "c"]]

@@ -11,15 +11,17 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ranklog.backends.feed import BackendFeed, replay
+from ranklog.backends.feed import Feed, Outcome, replay
 from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.policies import make_policy
 from ranklog.backends.protocol import DeclaresRanks, HasExitTeardown, Resumable, Rewindable
-from ranklog.backends.route import detach_handlers
-from ranklog.journal import Journal, journal_path
+from ranklog.backends.route import Route, detach_handlers
+from ranklog.backends.sink import Sink
+from ranklog.journal import STATE_DIR, Journal, journal_path
 from tests.backend_harness import envelope
 from tests.conftest import read_jsonl
 
@@ -48,7 +50,7 @@ def jsonl_feed(
     policy: str | None = None,
     *,
     filter_: Callable[..., bool] | None = None,
-) -> BackendFeed:
+) -> Feed:
     """A JSONL backend (one file, ``all.jsonl``) on logger ``m``, as a config would attach it."""
     handler = AsyncStructuredHandler(log_dir=out, run_name="all")
     logger = logging.getLogger("m")
@@ -59,9 +61,7 @@ def jsonl_feed(
     logger.addHandler(handler)
     [(_, route)] = detach_handlers([logger])
     factory = partial(make_policy, policy, "jsonl", rename=False, timeout=60, world_size=2)
-    return BackendFeed(
-        handler, route, name="jsonl", policy=factory if policy else None, clock=clock
-    )
+    return Feed(Sink(handler, route, name="jsonl"), policy=factory if policy else None, clock=clock)
 
 
 class TestRouting:
@@ -172,3 +172,71 @@ class TestContracts:
         handler.close()
         loss = accumulator(tmp_path / "t").Scalars("loss")
         assert [(event.step, event.value) for event in loss] == [(0, 0.0), (1, 1.5)]
+
+
+class TestOutcomes:
+    """A write error comes back from the handler as a value, and a step says what it did."""
+
+    def test_a_write_error_in_emit_reaches_the_sink(self, tmp_path: Path) -> None:
+        from tests.test_policy import rec
+
+        class FullDisk(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    raise OSError(28, "No space left on device")
+                except Exception:
+                    self.handleError(record)  # the stdlib's way, unchanged
+
+        sink = Sink(FullDisk(), Route([logging.getLogger("m")]), name="full")
+        error = sink.deliver(rec(0, 1, {"x": 1}))
+        assert isinstance(error, OSError) and error.errno == 28
+
+    def test_a_write_error_rewinds_and_the_retry_writes_everything_once(
+        self, tmp_path: Path
+    ) -> None:
+        class FailsOnce(AsyncStructuredHandler):
+            lines = 0
+
+            def _line(self, entry: dict[str, Any], step: Any, created: float) -> bytes:
+                self.lines += 1
+                if self.lines == 2:  # the second record, past the last checkpoint
+                    raise OSError(28, "No space left on device")
+                return super()._line(entry, step, created)
+
+        journal = journal_of(tmp_path, envelope(0, 1, {"x": 1}), envelope(0, 2, {"x": 2}))
+        clock = FakeClock()
+        handler = FailsOnce(log_dir=tmp_path, run_name="all")
+        feed = Feed(Sink(handler, Route([logging.getLogger("m")]), name="jsonl"), clock=clock)
+        feed.resume(journal.path, tmp_path / STATE_DIR)
+        assert feed.read_on(journal.durable_end) is Outcome.REWOUND
+        assert feed.offset == 0  # back to the checkpoint: the first record is cut back
+        clock.now += 1  # the retry
+        feed.run_until(journal.durable_end)
+        assert feed.finish()
+        assert [row["x"] for row in read_jsonl(tmp_path / "all.jsonl")] == [1, 2]
+
+    def test_a_file_opened_after_the_checkpoint_is_cut_back_after_a_crash(
+        self, tmp_path: Path
+    ) -> None:
+        """The checkpoint lists a new file before anything is written to it: a crash after
+        writing to it, before the next checkpoint, still cuts it back (no duplicate)."""
+
+        def jsonl_backend() -> tuple[AsyncStructuredHandler, Feed]:
+            handler = AsyncStructuredHandler(log_dir=tmp_path)  # a file per rank
+            sink = Sink(handler, Route([logging.getLogger("m")]), name="jsonl")
+            return handler, Feed(sink, clock=FakeClock())
+
+        journal = journal_of(tmp_path, envelope(0, 1, {"x": 1}))
+        handler, feed = jsonl_backend()
+        feed.resume(journal.path, tmp_path / STATE_DIR)
+        feed.read_on(journal.durable_end)  # and a checkpoint: rank 0's file
+        journal.append(envelope(1, 1, {"x": 2}))  # rank 1: a new file
+        journal.sync()
+        feed.read_on(journal.durable_end)  # no checkpoint due by the clock
+        handler.flush()  # on disk, past the last checkpoint; then the process dies
+        handler, feed = jsonl_backend()
+        feed.resume(journal.path, tmp_path / STATE_DIR)
+        feed.run_until(journal.durable_end)
+        assert feed.finish()
+        rows = read_jsonl(tmp_path / "training_params_and_metrics_global1.jsonl")
+        assert [row["x"] for row in rows] == [2]

@@ -198,11 +198,12 @@ FILL_THEN_WRITE = """
 import contextlib, os, sys, time
 from pathlib import Path
 from ranklog import TensorBoardHandler
+from ranklog.backends.sink import reraise_os_errors
 from tests.test_policy import rec
 
 disk = Path(sys.argv[1])
 handler = TensorBoardHandler(run_name="full", log_dir=disk, flush_secs=0.01)
-handler.raise_os_errors = True  # as in the collector, whose feed reports it in one line
+reraise_os_errors(handler)  # as in the collector, whose feed reports it in one line
 handler.handle(rec(0, 0, {"loss": 0.0}))
 fill = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
 with contextlib.suppress(OSError):  # until the disk is full

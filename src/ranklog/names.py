@@ -18,6 +18,8 @@ BACKEND_NAMES = ("async", "tensorboard", "wandb", "mlflow")
 REDUCING_POLICIES = ("mean", "min", "max", "sum")
 POLICY_NAMES = ("rank0", "first", "all", *REDUCING_POLICIES)
 DEFAULT_POLICY_TIMEOUT = 10.0
+#: The longest run id, incarnation, host or logger name an envelope may carry.
+MAX_NAME_CHARS = 1024
 
 
 def parse_logger_types(loggers: str | list[str] | tuple[str, ...]) -> list[str]:

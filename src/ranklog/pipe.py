@@ -6,17 +6,26 @@ journal.
     child -> parent stdout: one JSON line once the backends run: {"backends": [names]},
                             or why they cannot: {"error": "..."}
     exit status:            0 every backend drained and closed, 1 one did not, 2 bad config
+
+Each backend's checkpoint (:func:`checkpoint_path`) says how far it got; the collector reads
+it for ``ranklog top``'s lag.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ranklog.journal import DEFAULT_RETENTION
 from ranklog.names import DEFAULT_POLICY_TIMEOUT
 
 DRAIN = "drain"
+
+
+def checkpoint_path(state_dir: Path, backend: str) -> Path:
+    """The checkpoint file of backend ``backend`` in the output dir's ``state_dir``."""
+    return state_dir / f"backend-{backend}.json"
 
 
 @dataclass(frozen=True)

@@ -4,26 +4,31 @@ Never pickle: a frame decodes to plain maps, lists, strings and numbers, and eve
 checked before the collector trusts it. Shared by the rank side (which packs envelopes,
 ``ranklog.rank.encoder``) and the collector (which decodes and validates them). The
 collector first tries msgspec decoders generated from the same table (typed, checked in
-C; its ``collector`` extra, which the rank side never imports); what they refuse goes to
-msgpack and the table, which decide and name the reason.
+C; its ``collector`` extra, which the rank side never imports) into the static record type
+of ``ranklog.envelope``; what they refuse goes to msgpack and the table, which decide and
+name the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import msgpack
 
 from ranklog.errors import ProtocolError
+from ranklog.names import MAX_NAME_CHARS
+
+if TYPE_CHECKING:
+    from ranklog.envelope import RecordEnvelope
 
 PROTOCOL_VERSION = 1
 RECORD, HELLO, HEARTBEAT, GOODBYE, ACK = "record", "hello", "heartbeat", "goodbye", "ack"
 KINDS = frozenset({RECORD, HELLO, HEARTBEAT, GOODBYE, ACK})
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-MAX_NAME_CHARS = 1024
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -33,21 +38,13 @@ RESERVED_EXTRA_KEYS = STANDARD_ATTRS | {"rank", "local_rank", "world_size", "hos
 class Rule(NamedTuple):
     """What a field's value must be.
 
-    ``check`` is the rule itself. ``inline`` is a Python expression over ``{v}`` (the value,
-    ``_MISSING`` when the key is absent) for the fast path in :func:`decode`; it may be
-    stricter than ``check`` (a value it refuses goes to ``check``, which decides) but never
-    more lenient.
-
-    ``typed`` is the rule as a msgspec type (given the ``msgspec`` module, which the rank side
-    never imports) for the collector's typed fast path (:func:`decode`, and the backends'
-    :func:`decode_journaled_record`); like ``inline`` it may be stricter than ``check``,
-    never more lenient. ``rest``: what the type cannot say (which keys are reserved),
-    checked on a value the type took.
+    ``check`` is the rule itself (its argument is ``_MISSING`` when the key is absent). The
+    collector's typed fast path has the same rule as a type (``ranklog.envelope``), which
+    may be stricter, never more lenient; ``rest``: what the type cannot say (which keys are
+    reserved), checked on a value the type took.
     """
 
     check: Callable[[Any], bool]
-    inline: str
-    typed: Callable[[Any], Any] | None = None
     rest: Callable[[Any], bool] | None = None
 
 
@@ -63,19 +60,12 @@ _MISSING: Any = object()
 
 
 def _int(minimum: int) -> Rule:
-    return Rule(
-        lambda v: type(v) is int and v >= minimum,
-        f"type({{v}}) is int and {{v}} >= {minimum}",
-        lambda ms: Annotated[int, ms.Meta(ge=minimum)],
-    )
+    return Rule(lambda v: type(v) is int and v >= minimum)
 
 
 def _optional_int(minimum: int) -> Rule:
     """An int >= ``minimum``, or absent: a field v1 ranks or collectors may leave out."""
-    return Rule(
-        lambda v: v is _MISSING or (type(v) is int and v >= minimum),
-        f"({{v}} is _MISSING or (type({{v}}) is int and {{v}} >= {minimum}))",
-    )
+    return Rule(lambda v: v is _MISSING or (type(v) is int and v >= minimum))
 
 
 def _is_extra(value: Any) -> bool:
@@ -86,31 +76,18 @@ def _is_extra(value: Any) -> bool:
 
 _NAME = Rule(
     lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS,
-    "type({v}) is str and 0 < len({v}) <= MAX_NAME_CHARS",
-    lambda ms: Annotated[str, ms.Meta(min_length=1, max_length=MAX_NAME_CHARS)],
 )
-# The typed fast path takes the values ranks send (numbers, text, flags, nil; lists and maps
-# of them one level deep); anything else (bytes, deeper nesting) goes the untyped way.
-_SCALAR = bool | int | float | str | None
-_VALUE = _SCALAR | list[_SCALAR] | dict[str, _SCALAR]
-_NUMBER = Rule(lambda v: isinstance(v, int | float), "type({v}) is float", lambda ms: int | float)
-_FLAG = Rule(lambda v: isinstance(v, bool), "type({v}) is bool", lambda ms: bool)
+_NUMBER = Rule(lambda v: isinstance(v, int | float))
+_FLAG = Rule(lambda v: isinstance(v, bool))
 # Present even when nil: a missing key reads as ``_MISSING``, which neither form accepts.
 _INT_OR_NIL = Rule(
     lambda v: v is None or type(v) is int,
-    "({v} is None or type({v}) is int)",
-    lambda ms: int | None,
 )
 _MAP_OR_TEXT = Rule(
     lambda v: isinstance(v, dict | str),
-    "(type({v}) is dict or type({v}) is str)",
-    lambda ms: dict[str, _VALUE] | str,
 )
 _EXTRA = Rule(
     _is_extra,
-    "type({v}) is dict and (not {v} or (RESERVED_EXTRA_KEYS.isdisjoint({v})"
-    " and all(type(k) is str for k in {v})))",
-    lambda ms: dict[str, _VALUE],
     rest=RESERVED_EXTRA_KEYS.isdisjoint,
 )
 
@@ -211,8 +188,7 @@ def _decode_untyped(frame: bytes) -> dict[str, Any]:
     kind = envelope.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ProtocolError("unknown-kind", f"expected one of {sorted(KINDS)}, got {kind!r:.40}")
-    if kind != RECORD or not _plainly_valid_record(envelope):
-        _validate(envelope, kind)
+    _validate(envelope, kind)
     return envelope
 
 
@@ -223,22 +199,23 @@ def decode_journaled(frame: bytes) -> dict[str, Any]:
     return envelope
 
 
-def decode_journaled_record(frame: bytes) -> Any:
-    """A journaled record as a typed struct (attributes named as the envelope's keys), or
-    None: not a record, not the shape the typed path takes, or no msgspec (then use
+def decode_journaled_record(frame: bytes) -> RecordEnvelope | None:
+    """A journaled record as a :class:`~ranklog.envelope.RecordEnvelope`, or None: not a
+    record, not the shape the typed path takes, or no msgspec (then use
     :func:`decode_journaled`). Its class's ``flat`` is True when ``msg`` is a dict of
     str keys and plain values (numbers, text, flags, nil), as ranks usually send."""
     return _typed_records().journaled(frame)
 
 
-def journaled_record_decoder() -> Callable[[bytes], Any]:
+def journaled_record_decoder() -> Callable[[bytes], RecordEnvelope | None]:
     """:func:`decode_journaled_record` itself, for a loop over many entries."""
     return _typed_records().journaled
 
 
 class _TypedRecords:
-    """msgspec decoders generated from ``ENVELOPE``: a record envelope as ranks send it,
-    decoded and checked in C. Whatever they refuse goes the untyped way, which decides."""
+    """msgspec decoders of ``ranklog.envelope``'s static record type: a record envelope as
+    ranks send it, decoded and checked in C. Whatever they refuse goes the untyped way,
+    which decides."""
 
     def __init__(self) -> None:
         self.general: Any = None
@@ -249,28 +226,23 @@ class _TypedRecords:
         fields = [f for f in ENVELOPE if RECORD in f.kinds]
         try:
             import msgspec
+
+            from ranklog import envelope
         except ImportError:  # the collector extra is not installed: the untyped way only
             return
-        if any(f.rule.typed is None for f in fields):
-            return  # a field without a type: the fast path would be more lenient
-        spec = [("v", Literal[1]), ("kind", Literal["record"])]
-        spec += [(f.name, f.rule.typed(msgspec)) for f in fields]  # type: ignore[misc]
-        # For decode: a plain dict, checked in C. A TypedDict skips unknown keys, so the
-        # map must have exactly these (the untyped way keeps unknown ones: it decides).
-        checked = TypedDict("RecordEnvelope", dict(spec))  # type: ignore[misc]  # noqa: UP013
+        names = envelope.RecordEnvelope.__struct_fields__
+        if names != ("v", "kind", *(f.name for f in fields)):
+            return  # the struct does not say what the table says: the table decides alone
+        hints = typing.get_type_hints(envelope.RecordEnvelope, include_extras=True)
+        # For decode: a plain dict, checked in C, with the struct's types. A TypedDict skips
+        # unknown keys, so the map must have exactly these (the untyped way keeps unknown
+        # ones: it decides).
+        spec = {name: hints[name] for name in names}
+        checked = TypedDict("RecordEnvelopeMap", spec)  # type: ignore[misc]
         self.checked = msgspec.msgpack.Decoder(checked)
         self.header = _map_headers(len(spec))
-        # gc=False: nothing in an envelope refers back to it (its dicts are still tracked).
-        options: dict[str, Any] = {"forbid_unknown_fields": True, "gc": False}
-        general = msgspec.defstruct("RecordEnvelope", spec, namespace={"flat": False}, **options)
-        flat = msgspec.defstruct(
-            "FlatRecordEnvelope",
-            [("msg", dict[str, _SCALAR])],
-            bases=(general,),
-            namespace={"flat": True},
-            **options,
-        )
-        self.general, self.flat = msgspec.msgpack.Decoder(general), msgspec.msgpack.Decoder(flat)
+        self.general = msgspec.msgpack.Decoder(envelope.RecordEnvelope)
+        self.flat = msgspec.msgpack.Decoder(envelope.FlatRecordEnvelope)
         self.rest = tuple((f.name, f.rule.rest) for f in fields if f.rule.rest is not None)
 
     def envelope(self, frame: bytes) -> dict[str, Any] | None:
@@ -286,15 +258,15 @@ class _TypedRecords:
                 return None
         return envelope
 
-    def journaled(self, frame: bytes) -> Any:
+    def journaled(self, frame: bytes) -> RecordEnvelope | None:
         if self.general is None:
             return None
         try:
-            return self.flat.decode(frame)
+            return self.flat.decode(frame)  # type: ignore[no-any-return]
         except Exception:
             pass
         try:
-            return self.general.decode(frame)
+            return self.general.decode(frame)  # type: ignore[no-any-return]
         except Exception:
             return None
 
@@ -313,32 +285,6 @@ def _typed_records() -> _TypedRecords:
     if _TYPED is None:
         _TYPED = _TypedRecords()
     return _TYPED
-
-
-def _compile_fast_record_check() -> Callable[[dict[Any, Any]], bool]:
-    """One expression over every field of a record, generated from ``ENVELOPE``.
-
-    Decoding is most of the collector's receive loop. Calling each field's ``check`` costs a
-    Python call per field; this is what a hand-unrolled check would be, written once from the
-    table: ``_r0 = e.get("run", _MISSING)`` ... ``return type(_r0) is str and ...``.
-    """
-    fields = [f for f in ENVELOPE if RECORD in f.kinds]
-    gets = "".join(f"    _r{i} = e.get({f.name!r}, _MISSING)\n" for i, f in enumerate(fields))
-    test = "\n        and ".join(f.rule.inline.format(v=f"_r{i}") for i, f in enumerate(fields))
-    source = f"def plainly_valid_record(e):\n{gets}    return (\n        {test}\n    )\n"
-    namespace: dict[str, Any] = {
-        "_MISSING": _MISSING,
-        "MAX_NAME_CHARS": MAX_NAME_CHARS,
-        "RESERVED_EXTRA_KEYS": RESERVED_EXTRA_KEYS,
-    }
-    exec(compile(source, "<ranklog.wire record check>", "exec"), namespace)
-    check: Callable[[dict[Any, Any]], bool] = namespace["plainly_valid_record"]
-    return check
-
-
-# True for a record envelope as ranks send them; anything else goes to ``_validate``, which
-# decides and names the field.
-_plainly_valid_record = _compile_fast_record_check()
 
 
 def _validate(envelope: dict[Any, Any], kind: str) -> None:

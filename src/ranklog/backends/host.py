@@ -30,7 +30,7 @@ from ranklog.pipe import BackendSpec, read_announcement
 from ranklog.reporting import log_to_stderr
 
 if TYPE_CHECKING:
-    from ranklog.backends.runner import BackendRunner
+    from ranklog.backends.runner import Runner
 
 _log = logging.getLogger(__name__)
 _PRUNE_EVERY = 1.0  # seconds; about as often as backends checkpoint
@@ -47,12 +47,12 @@ class _Retention:
         self._next = 0.0
         self._failed = False
 
-    def __call__(self, backends: list[BackendRunner], *, now: float | None = None) -> None:
+    def __call__(self, backends: list[Runner], *, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if now < self._next:
             return
         self._next = now + _PRUNE_EVERY
-        keep_from = min((backend.needed_from() for backend in backends), default=1 << 62)
+        keep_from = min((backend.feed.needed_from() for backend in backends), default=1 << 62)
         try:
             deleted = prune(self.journal, self.retention, keep_from)
         except OSError as exc:
@@ -96,8 +96,8 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
         policy_timeout=spec.policy_timeout,
     )
     for backend in backends:
-        if isinstance(backend.handler, WandbHandler):  # a finished run's wait, in the bound
-            backend.handler.close_timeout = spec.drain_timeout
+        if isinstance(backend.sink.handler, WandbHandler):  # a finished run's wait, in the bound
+            backend.sink.handler.close_timeout = spec.drain_timeout
         backend.attach_journal(
             journal_path(output_dir), output_dir / STATE_DIR, from_start=spec.from_start
         )
@@ -126,27 +126,33 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
         backend.request_close()
     clean = all([backend.close_within(deadline) for backend in backends])
     retention(backends, now=float("inf"))
-    abandoned = [backend for backend in backends if backend.abandoned]
-    if abandoned:
-        # An abandoned backend may hold its handler's lock (logging.shutdown would wait on it
-        # at exit) or an SDK exit hook that never returns; everything else is flushed and
-        # closed already, so leave without running those hooks. An SDK's hook that completes
-        # a healthy run on disk (W&B's) gets a bounded chance first, unless it is the one hung.
-        _log.error(
-            "exiting without the abandoned backend(s): %s",
-            ", ".join(str(backend.name) for backend in abandoned),
-        )
-        hung = {type(backend.handler) for backend in abandoned}
-        teardowns = {
-            type(backend.handler): backend.exit_teardown
-            for backend in backends
-            if backend.exit_teardown is not None and type(backend.handler) not in hung
-        }
-        for teardown in teardowns.values():
-            teardown(2.0)
-        sys.stderr.flush()
-        os._exit(1)
+    if any(backend.abandoned for backend in backends):
+        _exit_abandoning(backends)
     return 0 if clean else 1
+
+
+def _exit_abandoning(backends: list[Runner]) -> None:
+    """Leave the process now, without the backends that did not drain in time.
+
+    An abandoned backend may hold its handler's lock (logging.shutdown would wait on it at
+    exit) or an SDK exit hook that never returns; everything else is flushed and closed
+    already, so leave without running those hooks. An SDK's hook that completes a healthy
+    run on disk (W&B's) gets a bounded chance first, unless it is the one hung."""
+    abandoned = [backend for backend in backends if backend.abandoned]
+    _log.error(
+        "exiting without the abandoned backend(s): %s",
+        ", ".join(str(backend.name) for backend in abandoned),
+    )
+    hung = {type(backend.sink.handler) for backend in abandoned}
+    teardowns = {
+        type(backend.sink.handler): backend.sink.exit_teardown
+        for backend in backends
+        if backend.sink.exit_teardown is not None and type(backend.sink.handler) not in hung
+    }
+    for teardown in teardowns.values():
+        teardown(2.0)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def main() -> int:

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ranklog.backends.arguments import reject_unknown
+from ranklog.backends.owned_files import OwnedFiles, cut_back
+from ranklog.backends.protocol import EnvelopeItem
 from ranklog.backends.records import build_record
 from ranklog.filters import IsMappingFilter
 from ranklog.flatten import flatten_dict
 from ranklog.run_name import DEFAULT_JSONL_NAME, path_inside, run_name_for
 
-_SPILL_BYTES = 1 << 16
+_WRITE_BYTES = 1 << 16
 _monotonic = time.monotonic
 
 
@@ -122,7 +124,7 @@ class _JsonlFile:
 
     def write(self, line: bytes) -> None:
         self.pending += line
-        if len(self.pending) >= _SPILL_BYTES:
+        if len(self.pending) >= _WRITE_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -180,15 +182,10 @@ class AsyncStructuredHandler(logging.Handler):
         self._paths: dict[tuple[Any, Any], Path] = {}
         self._files: dict[Path, _JsonlFile] = {}
         # Crash recovery, driven by the collector: sizes to cut files back to before writing
-        # again, each file's size when this handler first opened it, and a hook called when a
-        # new file is opened (before anything is written to it).
+        # again, and the files this handler opened (told to the collector before writing).
         self._restore: dict[str, int] = {}
         self._truncate_others = False
-        self._opened_at: dict[str, int] = {}
-        self.on_new_file: Callable[[], None] | None = None
-        # In the collector a write error (a full disk) must reach the backend's thread,
-        # which rewinds to the last checkpoint and retries from the journal.
-        self.raise_os_errors = False
+        self.owned_files = OwnedFiles()
 
     def path_for(self, record: logging.LogRecord) -> Path:
         """The file a record goes to (placeholders filled from the record's rank)."""
@@ -222,10 +219,6 @@ class AsyncStructuredHandler(logging.Handler):
             out.write(line)
             if _monotonic() >= self._next_flush:
                 self._flush_when_due()
-        except OSError:
-            if self.raise_os_errors:
-                raise
-            self.handleError(record)
         except Exception:
             self.handleError(record)
 
@@ -247,7 +240,7 @@ class AsyncStructuredHandler(logging.Handler):
             type(f) is IsMappingFilter for f in self.filters
         )
 
-    def handle_envelopes(self, batch: Sequence[tuple[Any, int, int]]) -> None:
+    def handle_envelopes(self, batch: Sequence[EnvelopeItem]) -> None:
         """``handle()`` for each record of ``batch``, as the lines ``emit`` writes. The
         timestamp goes to orjson as a datetime: it writes ``isoformat()``'s text, in C."""
         encode, stamp, out, rank = self._encode, datetime.fromtimestamp, None, None
@@ -264,22 +257,21 @@ class AsyncStructuredHandler(logging.Handler):
                         rank = (envelope.rank, envelope.local_rank)
                         out = self._file_for(rank, item)
                     # A flat message was decoded for this backend alone: it is the entry.
-                    entry = msg if envelope.flat else _flatten(msg)
+                    entry: dict[str, Any] = msg if envelope.flat else _flatten(msg)
                     if envelope.step is not None:
                         entry.setdefault("step", envelope.step)
                     if "timestamp" not in entry:
                         entry["timestamp"] = stamp(envelope.time)
                     out.write(encode(entry))
-                except OSError:
-                    if self.raise_os_errors:
-                        raise
-                    self.handleError(build_record(*item))
                 except Exception:
                     self.handleError(build_record(*item))
             if _monotonic() >= self._next_flush:
-                self._flush_when_due()
+                try:
+                    self._flush_when_due()
+                except Exception:
+                    self.handleError(build_record(*batch[-1]))
 
-    def _file_for(self, rank: tuple[int, int], item: tuple[Any, int, int]) -> _JsonlFile:
+    def _file_for(self, rank: tuple[int, int], item: EnvelopeItem) -> _JsonlFile:
         path = self._paths.get(rank)
         if path is None:
             path = self.path_for(build_record(*item))
@@ -287,13 +279,9 @@ class AsyncStructuredHandler(logging.Handler):
         return self._open(path) if out is None else out
 
     def _flush_when_due(self) -> None:
+        # On a full disk the bytes stay buffered; the next flush tries again.
         self._next_flush = _monotonic() + self.flush_interval
-        try:
-            self.flush()
-        except OSError:
-            if self.raise_os_errors:
-                raise
-            # On a full disk the bytes stay buffered; the next flush tries again.
+        self.flush()
 
     def _open(self, path: Path) -> _JsonlFile:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,9 +289,7 @@ class AsyncStructuredHandler(logging.Handler):
         if keep is not None and path.exists() and path.stat().st_size > keep:
             os.truncate(path, keep)
         out = self._files[path] = _JsonlFile(path)
-        self._opened_at.setdefault(str(path), out.size)
-        if self.on_new_file is not None:
-            self.on_new_file()
+        self.owned_files.opened(str(path), out.size)
         return out
 
     def checkpoint(self) -> dict[str, Any]:
@@ -319,10 +305,7 @@ class AsyncStructuredHandler(logging.Handler):
         sizes: dict[str, int] = (state or {}).get("files", {})
         self._restore = dict.fromkeys(sizes, 0) if from_start else dict(sizes)
         self._truncate_others = from_start
-        for path, size in self._restore.items():
-            # Now, not when reopened: a file named after the start time is never reopened.
-            if os.path.exists(path) and os.path.getsize(path) > size:
-                os.truncate(path, size)
+        cut_back(self._restore)  # now, not when reopened: one named after the start time is not
 
     def rewind_to(self, state: dict[str, Any] | None) -> None:
         """Drop unwritten buffers and cut every file back to a checkpoint (files opened since,
@@ -331,7 +314,7 @@ class AsyncStructuredHandler(logging.Handler):
             for out in self._files.values():
                 out.discard()
             self._files.clear()
-            self._restore = {**self._opened_at, **(state or {}).get("files", {})}
+            self._restore = self.owned_files.sizes_at(state)
             self._truncate_others = False
 
     def flush(self) -> None:

@@ -57,7 +57,6 @@ _log = logging.getLogger(__name__)
 
 POLICIES = ("rank0", "first", "all", *REDUCERS)
 assert POLICIES == POLICY_NAMES, "ranklog.names must list exactly the policies built here"
-DEFAULT_TIMEOUT = DEFAULT_POLICY_TIMEOUT
 
 
 class Rank0Policy(RankPolicy):
@@ -203,7 +202,7 @@ def make_policy(
     backend: str = "",
     *,
     rename: bool = True,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_POLICY_TIMEOUT,
     world_size: int | None = None,
 ) -> RankPolicy:
     """Build the policy called ``name`` for ``backend``.

@@ -1,29 +1,41 @@
 """What a backend of the backends' process gets, and what it implements to get more.
 
-Any stdlib :class:`logging.Handler` is a backend: the runner (``runner.py``) reads the
-journal on its own thread, rebuilds each record a rank logged as a :class:`logging.LogRecord`
-and calls the handler's ``handle()`` with it, behind the backend's rank policy. Such a
-handler gets every record **at least once**: after a crash of the backends' process the
-runner reads on from its last checkpoint (at most about a second old), so the records since
-then reach the handler again. Its ``flush()`` is called at every checkpoint and its
-``close()`` once at the end; the runner owns every thread and every timer, so a handler
-stays passive.
+Any stdlib :class:`logging.Handler` is a backend: its feed (``feed.py``, on a thread of the
+backends' process) reads the journal, rebuilds each record a rank logged as a
+:class:`logging.LogRecord` and calls the handler's ``handle()`` with it, behind the backend's
+rank policy. Such a handler gets every record **at least once**: after a crash of the
+backends' process the feed reads on from its last checkpoint (at most about a second old),
+so the records since then reach the handler again. Its ``flush()`` is called at every
+checkpoint and its ``close()`` once at the end; the runner owns every thread and every
+timer, so a handler stays passive.
 
 A handler that also implements :class:`Resumable` gets every record **exactly once**: the
-runner asks it for its state at each checkpoint and gives that state back after a crash,
+feed asks it for its state at each checkpoint and gives that state back after a crash,
 before the first record. One that implements :class:`Rewindable` as well survives a write
-error (a full disk) the same way, without a crash: the runner cuts it back to its last
-checkpoint and reads the journal again from there once writing works again.
+error (a full disk) the same way, without a crash: the feed cuts it back to its last
+checkpoint and reads the journal again from there once writing works again. The write error
+reaches the feed through ``handleError``: the sink (``sink.py``) gives the handler one that
+raises an ``OSError`` again, so a handler keeps the stdlib's ``except Exception:
+self.handleError(record)``.
 
-The runner checks these with ``isinstance`` once, when it is built; a handler need not
+The sink checks these with ``isinstance`` once, when it is built; a handler need not
 inherit from anything here. Each record carries its place in the journal as two attributes,
 :data:`OFFSET_ATTR` and :data:`START_ATTR`, for a backend that must say itself how far it got.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ranklog.backends.owned_files import OwnedFiles
+
+if TYPE_CHECKING:
+    from ranklog.envelope import RecordEnvelope
+
+#: A journaled record for :class:`TakesEnvelopes`: its envelope, and where its entry starts
+#: and ends in the journal.
+EnvelopeItem = tuple["RecordEnvelope", int, int]
 
 #: Record attribute: the journal offset where the record's entry ends. A backend that writes
 #: asynchronously (W&B) checkpoints this to say, after a crash, how far it really got.
@@ -37,17 +49,18 @@ START_ATTR = "ranklog_start"
 class Resumable(Protocol):
     """A backend that resumes exactly where it got to before a crash.
 
-    Its state is a JSON-able dict, saved by the runner with the journal offset it belongs to
-    (``.ranklog/backend-<name>.json``). One key has a meaning to the runner: ``"files"``,
-    ``{path: size}`` for every file the backend owns (appends to). At a restart the runner
+    Its state is a JSON-able dict, saved by the feed with the journal offset it belongs to
+    (``.ranklog/backend-<name>.json``). One key has a meaning to the feed: ``"files"``,
+    ``{path: size}`` for every file the backend owns (appends to). At a restart the feed
     checks that no listed file is missing or shorter than listed (a machine crash that lost
     the page cache); if one is, the backend is rebuilt from the journal's start instead.
     """
 
-    #: Set by the runner: call it right after opening a new file (before writing to it) or
-    #: starting a new remote run, so that a crash from then on still finds it in the
-    #: checkpoint. It calls :meth:`checkpoint`. None until the runner sets it.
-    on_new_file: Callable[[], None] | None
+    #: The files it owns: call ``owned_files.opened(path)`` right after opening a new file
+    #: (before writing to it), or ``opened()`` after starting a new remote run, so that a
+    #: crash from then on still finds it in the checkpoint (the feed then calls
+    #: :meth:`checkpoint`).
+    owned_files: OwnedFiles
 
     def checkpoint(self) -> dict[str, Any]:
         """Write out what is buffered, and return the state to resume from: called on the
@@ -60,7 +73,7 @@ class Resumable(Protocol):
         journal is read again, so start empty instead.
 
         Return None, or a journal offset (an :data:`OFFSET_ATTR` seen earlier) if the backend
-        knows it got less far than the checkpoint says: the runner then reads from there.
+        knows it got less far than the checkpoint says: the feed then reads from there.
         """
         ...
 
@@ -69,10 +82,6 @@ class Resumable(Protocol):
 class Rewindable(Resumable, Protocol):
     """A :class:`Resumable` backend that can also go back to its last checkpoint while
     running, after a write error (a full disk), and is then fed again from there."""
-
-    #: Set to True by the runner: an ``OSError`` while writing must propagate out of
-    #: ``handle()`` / :meth:`checkpoint` (not go to ``handleError``), so that it rewinds.
-    raise_os_errors: bool
 
     def rewind_to(self, state: dict[str, Any] | None) -> None:
         """Drop what is not written yet and cut every owned file back to ``state`` (a file
@@ -86,16 +95,16 @@ class TakesEnvelopes(Protocol):
     time, with no LogRecord built for each: what ``handle()`` would do with each one's
     record, in order, while holding the handler's lock once.
 
-    The runner uses it only where nothing else needs a LogRecord: no rank policy, a route
+    The feed uses it only where nothing else needs a LogRecord: no rank policy, a route
     that does not depend on the record (no logger filters), and :meth:`takes_envelopes`."""
 
     def takes_envelopes(self) -> bool:
         """True if every filter of the handler is one :meth:`handle_envelopes` applies."""
         ...
 
-    def handle_envelopes(self, batch: Sequence[tuple[Any, int, int]]) -> None:
+    def handle_envelopes(self, batch: Sequence[EnvelopeItem]) -> None:
         """Handle ``(envelope, start, end)`` for each record of ``batch``, in order: the
-        typed struct of :func:`ranklog.wire.decode_journaled_record` and where its entry
+        :class:`~ranklog.envelope.RecordEnvelope` and where its entry
         lies in the journal (the LogRecord's :data:`START_ATTR` and :data:`OFFSET_ATTR`)."""
         ...
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ranklog.backends.protocol import OFFSET_ATTR, START_ATTR
+
+if TYPE_CHECKING:
+    from ranklog.envelope import RecordEnvelope
 
 # Every attribute LogRecord.__init__ sets, as it sets them for a record with no source
 # location; build_record fills in the rest. Copying it costs a third of what __init__ does.
@@ -14,11 +17,13 @@ _TEMPLATE = logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
 _START = getattr(logging, "_startTime", time.time())
 
 
-def build_record(envelope: Any, start: int, end: int) -> logging.LogRecord:
+def build_record(
+    envelope: RecordEnvelope | dict[str, Any], start: int, end: int
+) -> logging.LogRecord:
     """The LogRecord a rank logged, with its origin as attributes.
 
     ``envelope`` is a decoded envelope: a dict, or the typed struct of
-    :func:`ranklog.wire.decode_journaled_record` (the same names, as attributes).
+    :class:`ranklog.envelope.RecordEnvelope` (the same names, as attributes).
     ``start`` and ``end`` are where the record's entry lies in the journal: backends and
     their policies use them to know what they already wrote, and where to resume.
     """

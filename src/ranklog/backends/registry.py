@@ -10,12 +10,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ranklog.backends.feed import Feed
 from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.mlflow import MLflowHandler
 from ranklog.backends.policies import RankPolicy, make_policy, unknown_backends
 from ranklog.backends.protocol import DeclaresRanks
 from ranklog.backends.route import detach_handlers
-from ranklog.backends.runner import BackendRunner
+from ranklog.backends.runner import Runner
+from ranklog.backends.sink import Sink
 from ranklog.backends.tensorboard import TensorBoardHandler
 from ranklog.backends.wandb import WandbHandler
 from ranklog.errors import ConfigError
@@ -124,7 +126,7 @@ def install_backends(
     *,
     world_size: int | None = None,
     policy_timeout: float = DEFAULT_POLICY_TIMEOUT,
-) -> list[BackendRunner]:
+) -> list[Runner]:
     """Apply ``config`` and give every handler it attached a runner of its own.
 
     The handlers are taken out of the logger tree (so that the SDKs' own log lines in this
@@ -132,7 +134,7 @@ def install_backends(
     maps handler names (``tensorboard``, or a key of the config's ``handlers``) to a rank
     policy that runs in front of that handler. A config file can choose one too, with
     dictConfig's attribute key: ``".": {"rank_policy": "mean"}``. The runners start once
-    :meth:`BackendRunner.attach_journal` says where to read.
+    :meth:`Runner.attach_journal` says where to read.
     """
     policies = dict(policies or {})
     chosen = {**_configured_policies(config), **policies}
@@ -156,8 +158,11 @@ def install_backends(
         logger for logger in loggers if not logger.name.startswith("ranklog")
     )
     runners = [
-        BackendRunner(
-            handler, route, policy=_policy_for(handler, chosen, world_size, policy_timeout)
+        Runner(
+            Feed(
+                Sink(handler, route),
+                policy=_policy_for(handler, chosen, world_size, policy_timeout),
+            )
         )
         for handler, route in attached
     ]
@@ -165,7 +170,7 @@ def install_backends(
     missing = unknown_backends(policies, names)
     if missing:
         for runner in runners:
-            runner.handler.close()
+            runner.sink.handler.close()
         raise ConfigError(
             f"--policy names backend(s) {', '.join(missing)} that the configuration does not "
             f"have; configured: {', '.join(names) or 'none'}"

@@ -3,8 +3,9 @@
 Records reach a backend one way only: from the journal on disk, up to the end the
 collector has made durable. A slow or hung backend falls behind in the file, never in
 memory, and never delays the receive loop or the other backends. The work itself (route,
-rank policy, handler, checkpoints) is the backend's :class:`~.feed.BackendFeed`; the thread
-here only waits for the journal to grow or for the feed's next deadline, and steps it.
+rank policy, handler, checkpoints) is the backend's :class:`~.feed.Feed`; the
+:class:`Runner` here only owns the thread (as the stdlib's ``QueueListener`` does): it waits
+for the journal to grow or for the feed's next deadline, and calls its ``read_on``.
 """
 
 from __future__ import annotations
@@ -12,32 +13,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from ranklog.backends.feed import BackendFeed
-from ranklog.backends.protocol import HasExitTeardown
-from ranklog.backends.route import Route
+from ranklog.backends.feed import FAILED, Feed
 
 _log = logging.getLogger(__name__)
 
 
-class BackendRunner(BackendFeed):
-    """A :class:`BackendFeed` stepped by a thread of its own as the journal grows.
+class Runner:
+    """Steps ``feed`` on a thread of its own as the journal grows.
 
     :meth:`attach_journal` resumes from the checkpoint and starts the thread;
     :meth:`advance` says how far the journal is durable; :meth:`request_close` and
     :meth:`close_within` drain and close it, within a bound.
     """
 
-    def __init__(self, handler: logging.Handler, route: Route, **options: Any) -> None:
-        """``options`` are :class:`BackendFeed`'s: ``name``, ``policy``, ``clock``."""
-        super().__init__(handler, route, **options)
-        #: The handler SDK's bounded exit work, run before an ``os._exit`` (see host.py).
-        self.exit_teardown: Callable[[float], bool] | None = (
-            handler.teardown_within if isinstance(handler, HasExitTeardown) else None
-        )
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+        self.sink = feed.sink
+        self.name = feed.name
         self.abandoned = False
         self._wake = threading.Condition()
         self._durable_end = 0
@@ -47,7 +41,7 @@ class BackendRunner(BackendFeed):
 
     def attach_journal(self, journal: Path, state_dir: Path, *, from_start: bool = False) -> None:
         """Resume from this backend's checkpoint (or from the journal's start), and start."""
-        self.resume(journal, state_dir, from_start=from_start)
+        self.feed.resume(journal, state_dir, from_start=from_start)
         self._thread.start()
 
     def advance(self, durable_end: int) -> None:
@@ -58,23 +52,24 @@ class BackendRunner(BackendFeed):
                 self._wake.notify()
 
     def _run(self) -> None:
+        feed, clock = self.feed, self.feed.clock
         while True:
             with self._wake:
-                now = self.clock()
-                readable = self.offset < self._durable_end and now >= self.retry_at
+                now = clock()
+                readable = feed.offset < self._durable_end and now >= feed.retry_at
                 if not readable and not self._closing:
-                    self._wake.wait(max(0.0, self.next_due() - now))
+                    self._wake.wait(max(0.0, feed.next_due() - now))
                 end, closing = self._durable_end, self._closing
-            now = self.clock()
-            if not self.step(end):
+            now = clock()
+            if feed.read_on(end) is FAILED:
                 time.sleep(0.1)  # a bug: do not spin on it
-            if closing and self.offset >= end:
+            if closing and feed.offset >= end:
                 break
-            if closing and self.retry_at > now:
-                time.sleep(min(0.05, self.retry_at - now))  # a full disk while draining
+            if closing and feed.retry_at > now:
+                time.sleep(min(0.05, feed.retry_at - now))  # a full disk while draining
         # Closing on this thread, not the caller's: an SDK that hangs in close (a W&B
         # finish that cannot reach its server) must not hold up the collector's shutdown.
-        self._closed_cleanly = self.finish()
+        self._closed_cleanly = feed.finish()
 
     def request_close(self) -> None:
         """Ask the backend to read to the durable end, then close, without waiting."""
@@ -97,7 +92,7 @@ class BackendRunner(BackendFeed):
                 "short of the journal's end (the journal keeps it: `ranklog replay "
                 "--output-dir DIR --logger-type %s` writes the rest)",
                 self.name,
-                (self._durable_end - self.offset) / (1 << 20),
+                (self._durable_end - self.feed.offset) / (1 << 20),
                 self.name,
             )
             return False

@@ -13,12 +13,13 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ranklog.backends.arguments import reject_unknown
+from ranklog.backends.owned_files import OwnedFiles, cut_back
 from ranklog.flatten import flatten_dict
 from ranklog.reporting import ReportOnce
 from ranklog.run_name import job_suffix, path_inside, run_name_for
@@ -122,17 +123,13 @@ class TensorBoardHandler(logging.Handler):
         # The job the writer writes, and each job's run folder (checkpointed).
         self._job: Any = None
         self._runs: dict[str, str] = {}
-        # Crash recovery, driven by the collector's runner: a run folder from a checkpoint
-        # older than jobs, whether to empty each run folder when first opened (a rebuild),
-        # the folders opened, each event file's size when opened, and a hook to call once a
-        # new event file exists.
+        # Crash recovery, driven by the collector: a run folder from a checkpoint older than
+        # jobs, whether to empty each run folder when first opened (a rebuild), the folders
+        # opened, and the event files opened (told to the collector once they exist).
         self._unclaimed: Path | None = None
         self._empty_first = False
         self._opened_dirs: set[Path] = set()
-        self._opened_at: dict[str, int] = {}
-        self.on_new_file: Callable[[], None] | None = None
-        # In the collector a write error (a full disk) must reach the runner, which rewinds.
-        self.raise_os_errors = False
+        self.owned_files = OwnedFiles()
 
     def _open_run(self, record: logging.LogRecord, job: Any) -> Any:
         """The writer for ``record``'s job: its run folder, a new event file in it."""
@@ -159,10 +156,7 @@ class TensorBoardHandler(logging.Handler):
             flush_secs=self.flush_secs,
             filename_suffix=self.filename_suffix,
         )
-        path = self._event_file()
-        self._opened_at.setdefault(path, os.path.getsize(path))
-        if self.on_new_file is not None:
-            self.on_new_file()
+        self.owned_files.opened(self._event_file())
         return self._writer
 
     def _run_dir_for(self, record: logging.LogRecord, job: Any) -> Path:
@@ -209,10 +203,6 @@ class TensorBoardHandler(logging.Handler):
 
             step = getattr(record, "step", None)
             writer.add_event(Event(wall_time=record.created, step=step or 0, summary=summary))
-        except OSError:
-            if self.raise_os_errors:
-                raise
-            self.handleError(record)
         except Exception:
             self.handleError(record)
 
@@ -250,7 +240,8 @@ class TensorBoardHandler(logging.Handler):
         job's file is complete) and each job's run folder."""
         if self._writer is not None:
             self._writer.flush()
-        files = {path: os.path.getsize(path) for path in self._opened_at if os.path.exists(path)}
+        opened = self.owned_files.opened_at
+        files = {path: os.path.getsize(path) for path in opened if os.path.exists(path)}
         return {"files": files, "runs": dict(self._runs)}
 
     def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> None:
@@ -279,10 +270,7 @@ class TensorBoardHandler(logging.Handler):
         if writer is not None:
             with contextlib.suppress(Exception):  # a full disk: whatever it wrote is cut below
                 writer.close()
-        sizes = {**self._opened_at, **(state or {}).get("files", {})}
-        for path, size in sizes.items():
-            if os.path.exists(path) and os.path.getsize(path) > size:
-                os.truncate(path, size)
+        cut_back(self.owned_files.sizes_at(state))
 
     def flush(self) -> None:
         """Write buffered events to the event file now."""

@@ -7,11 +7,12 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ranklog.backends.owned_files import OwnedFiles
 from ranklog.backends.protocol import OFFSET_ATTR
 from ranklog.backends.wandb_log import settle, wait_finished
 from ranklog.backends.wandb_values import loggable
@@ -96,12 +97,11 @@ class WandbHandler(logging.Handler):
         self._resuming = False
         self._sync_file: str | None = None
         self._written_through: int | None = None
-        self.already_written = 0
         # (step, journal offset) of the last row handed to W&B, at each checkpoint: W&B
         # writes asynchronously, so a restart resumes from the newest mark its log covers.
         self._last_offset: int | None = None
         self._marks: list[tuple[int, int]] = []
-        self.on_new_file: Callable[[], None] | None = None  # set by the collector
+        self.owned_files = OwnedFiles()  # none but its run: opened() when a run starts
         #: Seconds a finished run gets to be complete on disk (the collector's drain timeout).
         self.close_timeout = 30.0
 
@@ -179,8 +179,7 @@ class WandbHandler(logging.Handler):
                 self._enter_job(job)
             step = getattr(record, "step", None)
             if self._holds(record, step):
-                self.already_written += 1  # replayed after a restart; the run has it
-                return
+                return  # replayed after a restart; the run has it
             if self._run is None and not self._setup(record):
                 self.dropped += 1
                 return
@@ -249,10 +248,8 @@ class WandbHandler(logging.Handler):
     def _announce(self) -> None:
         """Have the collector record the run now, not at its next checkpoint (best effort:
         if that fails, say on a full disk, the next checkpoint records it)."""
-        if self.on_new_file is None:
-            return
         try:
-            self.on_new_file()
+            self.owned_files.opened()
         except Exception as exc:
             _log.warning("backend wandb: could not checkpoint the run yet (%s)", exc)
 

@@ -9,5 +9,11 @@ backends' process that follows the journal.
 - ``store``: the journal, what was accepted into it, and the backends' process.
 - ``peers``: the rank table and per-incarnation de-duplication.
 - ``liveness``: silent ranks and the exit rule; ``events``: the events file, the status line.
+- ``spills``: ingesting what ranks spilled at exit; ``ownership``: which collector serves an
+  output dir, and whether the last one stopped cleanly.
+- ``cadence``: a rank's step cadence, O(1) per record; ``progress``: rates, stalls and
+  straggler scores, once a second.
+- ``status``: the job as ``ranklog top`` and ``/metrics`` see it; ``top``: ``ranklog top``;
+  ``prometheus``: the ``/metrics`` endpoint.
 - ``backend_process``: the handle on the backends' process; ``cli``: the command line.
 """

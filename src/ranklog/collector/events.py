@@ -14,7 +14,7 @@ from ranklog.collector.peers import RankTable
 from ranklog.journal import STATE_DIR
 
 if TYPE_CHECKING:
-    from ranklog.collector.receive import CollectorStats
+    from ranklog.collector.stats import CollectorStats
 
 _log = logging.getLogger(__name__)
 # In the state folder: a *.jsonl glob next to the metric files must not pick it up.

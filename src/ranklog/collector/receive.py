@@ -18,25 +18,17 @@ from typing import Any
 
 from ranklog.collector.events import Event, event
 from ranklog.collector.peers import Peer, PeerKey, RankTable
+from ranklog.collector.stats import CollectorStats
 from ranklog.errors import ProtocolError
-from ranklog.reporting import ReportOnce
 from ranklog.wire import ACK, GOODBYE, RECORD, decode, pack_ack
 
 _log = logging.getLogger(__name__)
 MAX_INCARNATIONS = 100_000
 _QUIET_JOINS_ABOVE = 4096  # past this many incarnations a join is noise (or an attack)
 
+__all__ = ["CollectorStats", "Message", "Received", "account", "receive", "recover"]
+
 Message = tuple[bytes, Sequence[bytes]]  # (ROUTER route, the message's frames)
-
-
-@dataclass
-class CollectorStats:
-    """Counters the collector reports in its status line and on exit. ``rejected`` counts
-    rejected frames by reason, and logs the first of each reason."""
-
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: ReportOnce = field(default_factory=lambda: ReportOnce(_log))
 
 
 @dataclass

@@ -22,6 +22,7 @@ import zmq
 from ranklog.collector.events import Event
 from ranklog.collector.progress import MAX_WATCHED, Progress, state
 from ranklog.journal import STATE_DIR
+from ranklog.pipe import checkpoint_path
 
 if TYPE_CHECKING:
     from ranklog.collector.peers import Peer
@@ -144,7 +145,7 @@ class Watch:
         rows = []
         for name in self.store.backends.names:
             try:
-                saved = json.loads((state_dir / f"backend-{name}.json").read_text())
+                saved = json.loads(checkpoint_path(state_dir, name).read_text())
                 offset = int(saved["offset"])
             except (OSError, ValueError, KeyError, TypeError):
                 offset = 0

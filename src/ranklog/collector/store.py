@@ -12,8 +12,9 @@ import msgpack
 from ranklog.collector.backend_process import BackendProcess
 from ranklog.collector.events import EventLog, event, log_status
 from ranklog.collector.peers import RankTable
-from ranklog.collector.receive import CollectorStats, Received, account, recover
+from ranklog.collector.receive import Received, account, recover
 from ranklog.collector.settings import BackendSettings
+from ranklog.collector.stats import CollectorStats
 from ranklog.journal import (
     SEGMENT_BYTES,
     Journal,

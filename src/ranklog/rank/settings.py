@@ -1,9 +1,13 @@
-"""A sender's timing and batching, and the lock it may share with its caller."""
+"""What a sender is told (its endpoint, bounds, timing and batching), and the lock it may
+share with its caller."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from ranklog.rank.curve import CurveKeys
 
 
 class Lock(Protocol):
@@ -32,3 +36,22 @@ class SenderSettings:
     max_in_flight: int = 4096
     # Records wait and no collector answered for this long: warn (0: never).
     silence_warning: float = 15.0
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """Everything a sender is told (``ZMQSocketHandler`` builds it from its arguments); a
+    forked child's sender is built from the same one."""
+
+    endpoint: str
+    max_records: int = 100_000
+    max_bytes: int = 256 << 20
+    close_timeout: float = 5.0
+    close_limit: float = 300.0
+    settings: SenderSettings = field(default_factory=SenderSettings)
+    curve: CurveKeys | None = None
+    spill_dir: str | os.PathLike[str] | None = None
+    collector_log: str | None = None
+    system_metrics: bool | None = None
+    system_interval: float | None = None
+    handle_signals: bool | None = None

@@ -32,17 +32,25 @@ import signal
 import threading
 import weakref
 from types import FrameType
-from typing import TYPE_CHECKING, Any
-
-from ranklog.rank import closing
-
-if TYPE_CHECKING:
-    from ranklog.rank.sender import Sender
+from typing import Any, Protocol
 
 SIGNALS_ENV = "RANKLOG_HANDLE_SIGNALS"
 # The signals torchrun forwards whose default action skips atexit (SIGINT does not).
 HANDLED = ("SIGTERM", "SIGHUP", "SIGQUIT")
 SIGNAL_BOUND = 1.0  # seconds to deliver and say goodbye after the spill; SIGKILL comes later
+
+
+class Sender(Protocol):
+    """What a signal asks of each live sender (``ranklog.rank.sender.Sender``)."""
+
+    def terminate(self, signal_name: str, bound: float) -> str | None:
+        """Close within ``bound`` seconds after spilling; the line to show, if any."""
+        ...
+
+    def spill_now(self, signal_name: str, bound: float) -> str | None:
+        """Spill what is not acknowledged and go on; the line to show, if any."""
+        ...
+
 
 _senders: weakref.WeakSet[Sender] = weakref.WeakSet()
 _previous: dict[int, Any] = {}  # signal -> the handler before ours
@@ -82,8 +90,8 @@ def _on_signal(number: int, frame: FrameType | None) -> None:
     ends = not callable(previous)
     for sender in list(_senders):
         try:
-            act = closing.terminate if ends else closing.spill_now
-            line = act(sender, name, SIGNAL_BOUND)
+            act = sender.terminate if ends else sender.spill_now
+            line = act(name, SIGNAL_BOUND)
         except Exception:  # nothing may stand between the signal and its action
             continue
         if line:

@@ -26,13 +26,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from ranklog.errors import ConfigError
 from ranklog.journal import spill_path
-
-if TYPE_CHECKING:
-    from ranklog.rank.embedded import EmbeddedCollector
 
 MAX_RESTARTS = 3
 WINDOW = 600.0  # seconds
@@ -41,13 +39,28 @@ WINDOW = 600.0  # seconds
 _ON_PURPOSE = (signal.SIGTERM, signal.SIGINT)
 
 
+class Supervised(Protocol):
+    """What the supervisor starts again (``embedded.EmbeddedCollector``)."""
+
+    endpoint: str
+    output_dir: Path
+    args: list[str]
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start the collector; raise ConfigError with its reason if it cannot."""
+        ...
+
+
 class Supervisor:
     """Start ``collector``, and start it again whenever it dies while ``wanted()`` holds
     (rank 0 still logs) and :meth:`stop` was not called."""
 
     def __init__(
         self,
-        collector: EmbeddedCollector,
+        collector: Supervised,
         wanted: Callable[[], bool] = lambda: True,
         *,
         max_restarts: int = MAX_RESTARTS,
@@ -125,7 +138,7 @@ class Supervisor:
         ), proc
 
 
-def _replay(collector: EmbeddedCollector) -> str:
+def _replay(collector: Supervised) -> str:
     """The command that brings the job's backends up to date from the spills."""
     args = collector.args
     command = f"ranklog replay --output-dir {collector.output_dir}"
