@@ -62,8 +62,9 @@ test: lint test-tools
 compose-test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/compose -m compose
 
-# The GPU checks, one command: a real-CUDA test (no host sync in emit, values arrive) and the
-# step-time bench. Both skip with the reason where no CUDA device exists.
+# The GPU checks, one command: the real-CUDA tests (no host sync in emit, CUDA values and a
+# CUDA step arrive) and the step-time bench. Both skip with the reason where no CUDA device
+# exists; RANKLOG_REQUIRE_CUDA=1 (for a GPU runner) makes that a failure.
 gpu-check: venv
 	$(PY) -m pytest -q -rs -p no:cacheprovider tests/test_cuda_values.py -k RealCuda
 	$(PY) bench/gpu_step.py
