@@ -89,12 +89,19 @@ def landed(out: Path) -> list[int]:
     return [len(path.read_bytes().splitlines()) if path.exists() else 0 for path in paths]
 
 
-def checkpoints(out: Path) -> dict[str, int]:
-    """Each backend's checkpointed journal offset (each file must parse whole)."""
-    return {
-        path.name: int(json.loads(path.read_text())["offset"])
-        for path in (out / ".ranklog").glob("backend-*.json")
-    }
+def spill_sizes(out: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in spill_path(out).glob("*.spill")}
+
+
+def checkpoints(out: Path) -> dict[str, int | str]:
+    """Each backend's checkpointed journal offset, or what is wrong with its file."""
+    found: dict[str, int | str] = {}
+    for path in (out / ".ranklog").glob("backend-*.json"):
+        try:
+            found[path.name] = int(json.loads(path.read_text())["offset"])
+        except ValueError as exc:
+            found[path.name] = f"unreadable: {exc}"
+    return found
 
 
 class TestPowerCut:
@@ -121,14 +128,11 @@ class TestPowerCut:
                 kill_tree(c)
                 if cut == 2:
                     spill_rank(endpoint, out)
-                saved = checkpoints(out), snapshots(journal_path(out))
+                saved = checkpoints(out), snapshots(journal_path(out)), spill_sizes(out)
                 lazyfs.power_cut()
-                if cut == 2:
-                    assert [p.stat().st_size for p in spill_path(out).glob("*.spill")], (
-                        "the spill file did not survive the power cut"
-                    )
-                # Checkpoints and the de-duplication snapshot were fsynced: all still there.
-                assert (checkpoints(out), snapshots(journal_path(out))) == saved
+                # Checkpoints, the de-duplication snapshot and the spill file were fsynced:
+                # all still there, whole.
+                assert (checkpoints(out), snapshots(journal_path(out)), spill_sizes(out)) == saved
                 c = start(cut)
             stats = finish(ranks)
             assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
@@ -148,6 +152,7 @@ class TestPowerCut:
         rebuilt = [line for line in logs.splitlines() if "shorter than at its last" in line]
         assert not rebuilt, rebuilt
         assert_exactly_once(out, 2, RECORDS)
+        assert landed(out)[2] == SPILLED, "the spilled rank's records did not all land"
         assert step_counts(out, 2) == Counter(range(SPILLED))  # the spilled rank, once
         assert sorted(tensorboard_loss_steps(out / "cut")) == list(range(RECORDS))
         runs = [run for run in wandb_segments(out) if run.run_id]
