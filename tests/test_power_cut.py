@@ -59,6 +59,8 @@ def journal_bytes(out: Path) -> int:
 def kill_tree(c: CollectorProcess) -> None:
     """kill -9 the collector and every process under it (backends, W&B's service): a
     power cut stops them all at once."""
+    if c.proc.poll() is not None:
+        return  # ended (and reaped): its pid may be another process's by now
     tree = process_tree(c.proc.pid)
     for pid in tree:
         with contextlib.suppress(ProcessLookupError):
@@ -125,6 +127,7 @@ class TestPowerCut:
             for cut in range(1, CUTS + 1):
                 wanted = journal_bytes(out) + (256 << 10)
                 wait_for(lambda: journal_bytes(out) > wanted, 30)  # mid-stream  # noqa: B023
+                assert all(rank.poll() is None for rank in ranks), "cut after the ranks ended"
                 kill_tree(c)
                 if cut == 2:
                     spill_rank(endpoint, out)
