@@ -123,9 +123,10 @@ class TestPowerCut:
         ranks = [start_rank(endpoint, r, 3, RECORDS, "--rate", "500", "--close-timeout", "60",
                             "--metrics", "16")
                  for r in (0, 1)]  # fmt: skip
+        snapshots_cut = 0
         try:
             for cut in range(1, CUTS + 1):
-                wanted = journal_bytes(out) + (256 << 10)
+                wanted = journal_bytes(out) + (512 << 10)  # 1 MiB segments: one snapshot at least
                 wait_for(lambda: journal_bytes(out) > wanted, 30)  # mid-stream  # noqa: B023
                 assert all(rank.poll() is None for rank in ranks), "cut after the ranks ended"
                 kill_tree(c)
@@ -136,7 +137,9 @@ class TestPowerCut:
                 # Checkpoints, the de-duplication snapshot and the spill file were fsynced:
                 # all still there, whole.
                 assert (checkpoints(out), snapshots(journal_path(out)), spill_sizes(out)) == saved
+                snapshots_cut += bool(saved[1])
                 c = start(cut)
+            assert snapshots_cut, "no cut came after a snapshot"
             stats = finish(ranks)
             assert all(s["held"] == 0 and s["dropped"] == 0 for s in stats), stats
             # Then the checks below say what is missing or doubled, if anything is.
