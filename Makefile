@@ -30,6 +30,14 @@ lint: venv
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
+# LazyFS (tests/test_power_cut.py) from ../shared/tools/lazyfs/build.sh, which installs its
+# Debian packages as root; elsewhere the test skips with the reason (RANKLOG_REQUIRE_LAZYFS=1, as
+# .ci/run sets, fails it instead).
+LAZYFS_DIR ?= $(abspath ../shared/tools/lazyfs)
+LAZYFS_BUILD ?= /var/tmp/ranklog-lazyfs
+export RANKLOG_LAZYFS_DIR := $(LAZYFS_DIR)
+export RANKLOG_LAZYFS_BUILD := $(LAZYFS_BUILD)
+
 # tmux and Prometheus for tests/test_watch.py (a live `ranklog top`, a real scrape), on Debian
 # as root; elsewhere those tests skip with the reason (RANKLOG_REQUIRE_TMUX=1 and
 # RANKLOG_REQUIRE_PROMETHEUS=1, as .ci/run sets, fail them instead). The tests never use
@@ -41,6 +49,12 @@ test-tools:
 			apt-get install -y -q --no-install-recommends tmux prometheus \
 		|| echo "make: could not install tmux/prometheus; their tests will skip" >&2; \
 	fi
+	@if test -f $(LAZYFS_DIR)/build.sh && command -v dpkg >/dev/null 2>&1; then \
+		bash $(LAZYFS_DIR)/build.sh $(LAZYFS_BUILD) >/dev/null \
+		|| echo "make: could not build LazyFS; tests/test_power_cut.py will skip" >&2; \
+	else \
+		echo "make: no LazyFS sources or not Debian; tests/test_power_cut.py will skip" >&2; \
+	fi
 
 test: lint test-tools
 	$(PY) -m pytest -q
@@ -48,8 +62,9 @@ test: lint test-tools
 compose-test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/compose -m compose
 
-# The GPU checks, one command: a real-CUDA test (no host sync in emit, values arrive) and the
-# step-time bench. Both skip with the reason where no CUDA device exists.
+# The GPU checks, one command: the real-CUDA tests (no host sync in emit, CUDA values and a
+# CUDA step arrive) and the step-time bench. Both skip with the reason where no CUDA device
+# exists; RANKLOG_REQUIRE_CUDA=1 (for a GPU runner) makes that a failure.
 gpu-check: venv
 	$(PY) -m pytest -q -rs -p no:cacheprovider tests/test_cuda_values.py -k RealCuda
 	$(PY) bench/gpu_step.py

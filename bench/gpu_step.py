@@ -17,7 +17,8 @@ collector's JSONL afterwards.
     .venv/bin/python bench/gpu_step.py                    # needs a CUDA device
     .venv/bin/python bench/gpu_step.py --steps 500 --width 4096 --depth 8 --batch 256
 
-Skips (exit 0, with the reason on stderr) when no CUDA device exists. Writes
+Skips (exit 0, with the reason on stderr) when no CUDA device exists; under
+``RANKLOG_REQUIRE_CUDA=1`` that is a failure (exit 1). Writes
 ``bench/results/gpu_step.json``.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -53,14 +55,17 @@ def main() -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        # A skip, not a failure: `make gpu-check` runs everywhere and measures where it can.
+        # A skip, not a failure, unless RANKLOG_REQUIRE_CUDA=1 (a GPU runner): `make gpu-check`
+        # runs everywhere and measures where it can.
+        required = os.environ.get("RANKLOG_REQUIRE_CUDA") == "1"
         print(
-            "bench/gpu_step.py skipped: no CUDA device (torch.cuda.is_available() is False; "
+            f"bench/gpu_step.py {'failed (RANKLOG_REQUIRE_CUDA=1)' if required else 'skipped'}: "
+            "no CUDA device (torch.cuda.is_available() is False; "
             f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). "
             "Run it on a machine with an NVIDIA GPU and a CUDA build of torch.",
             file=sys.stderr,
         )
-        return 0
+        return 1 if required else 0
     device = torch.device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="ranklog-bench-gpu-"))
     collector = _common.start_collector(workdir / "collector", "--logger-type", "async")

@@ -2,13 +2,15 @@
 
 No GPU here: a ``DeviceScalar`` stands for a one-element CUDA tensor, and the encoder's
 ``host_copy`` hook hands back a :class:`HostCopy` whose ``done()`` the test controls, which is
-all ``start_cuda_copy`` does with a pinned buffer and a ``torch.cuda.Event``. The one test
-that needs a real GPU is skipped without one.
+all ``start_cuda_copy`` does with a pinned buffer and a ``torch.cuda.Event``. The tests
+that need a real GPU skip without one (``make gpu-check`` with RANKLOG_REQUIRE_CUDA=1 fails
+instead).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -238,7 +240,20 @@ class TestThroughTheCollector:
         assert [(row["step"], row["loss"]) for row in rows] == [(0, 1.0), (1, 0.5), (2, 0.25)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture
+def cuda_device() -> None:
+    """Skip without a CUDA device; fail instead under RANKLOG_REQUIRE_CUDA=1 (a GPU runner,
+    `make gpu-check`)."""
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA device (torch {torch.__version__}, built for CUDA "
+              f"{torch.version.cuda or 'none'}: torch.cuda.is_available() is False)")  # fmt: skip
+    if os.environ.get("RANKLOG_REQUIRE_CUDA") == "1":
+        pytest.fail(f"RANKLOG_REQUIRE_CUDA=1: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.mark.usefixtures("cuda_device")
 class TestRealCuda:
     """On a GPU machine: the copy really is asynchronous and really arrives."""
 
@@ -257,7 +272,8 @@ class TestRealCuda:
         self, collector: Callable[..., CollectorProcess]
     ) -> None:
         """Through the handler, with torch's sync debug mode set to raise on any host sync
-        while the training thread logs CUDA scalars (and a CUDA step)."""
+        while the training thread logs CUDA scalars as values and a CUDA scalar as the
+        step; the collector's JSONL holds both as numbers."""
         c = collector()
         handler = ZMQSocketHandler(c.endpoint, rank=0, world_size=1, close_timeout=30)
         logger = logging.getLogger("test.cuda.nosync")
@@ -265,6 +281,7 @@ class TestRealCuda:
         logger.propagate = False
         logger.setLevel(logging.INFO)
         weights = torch.randn(512, 512, device="cuda")
+        steps = torch.arange(20, device="cuda")  # steps[i] is a 0-d CUDA tensor, no copy
         losses = []
         handler.start()
         torch.cuda.set_sync_debug_mode("error")
@@ -272,7 +289,7 @@ class TestRealCuda:
             for step in range(20):
                 loss = (weights @ weights).square().mean() / (step + 1)
                 losses.append(loss)
-                logger.info({"loss": loss, "norm": weights.norm()}, extra={"step": step})
+                logger.info({"loss": loss, "norm": weights.norm()}, extra={"step": steps[step]})
         finally:
             torch.cuda.set_sync_debug_mode("default")
         expected = [value.item() for value in losses]

@@ -1,11 +1,8 @@
 """The journal over a long life, on real processes and files: retention bounds the disk,
-restarts read a snapshot instead of the history, and a damaged entry costs that entry only."""
+and a damaged entry costs that entry only (restarts: tests/test_restart_flat.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 from ranklog.collector.peers import Peer, RankTable
 from ranklog.collector.settings import BackendSettings, parse_size
 from ranklog.journal import DEFAULT_RETENTION, journal_path, read_entries, segments
-from tests.conftest import READY, CollectorProcess, ranklog, start_collector
+from tests.conftest import CollectorProcess, ranklog, start_collector
 from tests.ranks import finish, start_ranks
 from tests.test_delivery import assert_exactly_once, kill_twice, step_counts
 
@@ -44,28 +41,6 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def ready_seconds(out: Path, timeout: float = 30.0) -> float:
-    """How long `ranklog collect` on ``out`` takes to say it listens (then stop it)."""
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out.parent / "ready.log"
-    started = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ranklog", "collect", "--bind", "tcp://127.0.0.1:*",
-             "--output-dir", str(out), "--journal-retention", "8MiB"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        while not READY.search(log_path.read_text()):
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() - started < timeout, "never ready"
-            time.sleep(0.005)
-        return time.monotonic() - started
-    finally:
-        proc.terminate()
-        assert proc.wait(30) == 0, log_path.read_text()
-
-
 class TestRetention:
     """`--journal-retention` bounds `.ranklog/`, and nothing is lost or doubled for it."""
 
@@ -75,15 +50,6 @@ class TestRetention:
         assert used <= 32 * MiB
         assert segments(journal_path(history))[0].start > 32 * MiB  # history was deleted
         assert_exactly_once(history, RANKS, RECORDS)
-
-    def test_restart_with_history_is_as_quick_as_a_fresh_start(
-        self, history: Path, tmp_path: Path
-    ) -> None:
-        fresh = min(ready_seconds(tmp_path / f"fresh{n}" / "out") for n in range(3))
-        restart = min(ready_seconds(history) for _ in range(3))
-        print(f"ready: fresh {fresh:.3f}s, with 200,000 records of history {restart:.3f}s")
-        assert restart <= 2 * fresh
-        assert_exactly_once(history, RANKS, RECORDS)  # nothing was written again
 
     def test_replay_from_start_says_how_much_history_is_gone(self, history: Path) -> None:
         proc = ranklog("replay", "--output-dir", str(history), "--logger-type", "tensorboard",

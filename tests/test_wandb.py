@@ -12,10 +12,9 @@ import pytest
 import wandb
 
 from ranklog import WandbHandler
-from ranklog.backends.wandb_log import records
 from tests.conftest import CollectorProcess, read_jsonl, run_all_backends
 from tests.test_policy import rec, tb_scalars
-from tests.wandb_reader import WandbRun, offline_runs, read_run
+from tests.wandb_reader import WandbRun, offline_runs, read_run, records
 
 
 @pytest.fixture

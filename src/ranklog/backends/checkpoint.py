@@ -5,8 +5,8 @@
      "policy": {"state": ..., "held": [<entry starts>], "remember_from": <entry start>},
      "history": [{"offset": ..., "policy": ...}, ...]}   # earlier ones, newest first
 
-Written atomically and fsynced; a restart cuts the backend's files back to the sizes here
-and reads the journal on from ``offset``.
+Written atomically and fsynced, after the files it lists; a restart cuts the backend's files
+back to the sizes here and reads the journal on from ``offset``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ranklog.journal import write_durably
+from ranklog.journal import fsync_directory, write_durably
 
 if TYPE_CHECKING:
     from ranklog.backends.policies import RankPolicy
@@ -48,9 +48,29 @@ def save(path: Path, state: dict[str, Any], paths: Iterable[str] = ()) -> None:
     Files and folders in the output dir (``files`` and the state keys in ``paths``) are
     listed relative to it: a copied or moved output dir (or ``ranklog replay`` from
     elsewhere) resumes with its own files and run folders, never the original's."""
+    _make_durable(((state.get("backend") or {}).get("files") or {}).keys())
     base = _output_dir(path)
     state = _with_paths(state, lambda name: _relative_inside(name, base), paths)
     write_durably(path, json.dumps(state).encode())
+
+
+def _make_durable(files: Iterable[str]) -> None:
+    """fsync the files a checkpoint lists, and their folders, before it says how much they
+    hold: after a power cut a file shorter than its checkpoint costs a rebuild from the
+    journal's start, and the journal before ``--journal-retention`` is gone by then."""
+    folders = set()
+    for name in files:
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except FileNotFoundError:  # listed as empty, deleted by a rebuild
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders.add(os.path.dirname(os.path.abspath(name)))
+    for folder in folders:
+        fsync_directory(Path(folder))
 
 
 def _output_dir(checkpoint_path: Path) -> str:
