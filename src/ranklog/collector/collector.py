@@ -119,6 +119,7 @@ def _serve(
         if parent_pid is not None and os.getppid() != parent_pid:
             liveness.parent_exited(parent_pid)
             parent_pid = None
+        store.events.write(store.stats.joins.tick(store.ranks, now))  # joins left over
         store.events.write(liveness.newly_silent(now))
         store.events.write(watch.tick(now))
         status.tick(now)

@@ -9,6 +9,7 @@ from ranklog.collector.peers import RankTable
 from ranklog.reporting import ReportOnce
 
 _log = logging.getLogger(__name__)
+_NAMED_SILENT = 8  # ranks named one line each when they go silent together; the rest counted
 _QUIET_BEFORE_EXIT = 0.3
 _LONGEST_WAIT_FOR_QUIET = 3.0
 SILENCE_AFTER_PARENT = 10.0  # a rank sends a heartbeat every second while it lives
@@ -38,11 +39,28 @@ class Liveness:
         self.connect_timeout = connect_timeout
         self._done_at: float | None = None
         self._report = ReportOnce(_log)
+        self._silence_check_at = 0.0
 
     def newly_silent(self, now: float) -> list[Event]:
-        """Report the ranks that just went silent."""
+        """Report the ranks that just went silent (checked once a second; more than a few
+        at once, as after a flood of made-up incarnations, in one line)."""
+        if now < self._silence_check_at:
+            return []
+        self._silence_check_at = now + 1.0
+        silent = self.ranks.newly_silent(now, self.silence_timeout)
+        if len(silent) > _NAMED_SILENT:
+            named = ", ".join(f"rank {p.rank} (host {p.host}, pid {p.pid})" for p in silent[:4])
+            _log.warning(
+                "%d rank incarnations have been silent for %.0fs (%d never sent a record; "
+                "%s, ...); counting them as gone",
+                len(silent),
+                self.silence_timeout,
+                sum(not peer.recorded for peer in silent),
+                named,
+            )
+            return [event("ranks_silent", count=len(silent))]
         events = []
-        for peer in self.ranks.newly_silent(now, self.silence_timeout):
+        for peer in silent:
             _log.warning(
                 "rank %d (host %s, pid %d) has been silent for %.0fs; counting it as gone",
                 peer.rank,
