@@ -120,6 +120,7 @@ def _serve(
             liveness.parent_exited(parent_pid)
             parent_pid = None
         store.events.write(store.stats.joins.tick(store.ranks, now))  # joins left over
+        store.events.write(router.refusals())
         store.events.write(liveness.newly_silent(now))
         store.events.write(watch.tick(now))
         status.tick(now)
