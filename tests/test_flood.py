@@ -20,6 +20,7 @@ from ranklog.rank.identity import detect_identity
 from ranklog.wire import decode
 from tests.conftest import CollectorProcess, read_jsonl
 from tests.ranks import finish, start_rank
+from tests.test_delivery import wait_for
 
 FLOOD = 150_000
 PER_MESSAGE = 500  # heartbeats per message, as a rank batches its frames
@@ -98,13 +99,6 @@ def peak_rss_mib(pid: int) -> float:
 
 def events(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / EVENTS_FILE).read_text().splitlines()]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 class TestFlood:

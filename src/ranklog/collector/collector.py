@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ranklog.collector import ownership
 from ranklog.collector.events import StatusLine
+from ranklog.collector.launch import LaunchCheck
 from ranklog.collector.liveness import Liveness
 from ranklog.collector.receive import receive
 from ranklog.collector.router import Router
@@ -67,6 +68,7 @@ def serve(
                 if on_listening is not None:
                     on_listening(router.endpoint)
                 _serve(router, store, settings, stop, watch)
+                store.events.write(store.stats.joins.tick(store.ranks, float("inf")))  # the last
                 # What the last ranks left: a rank whose goodbye says it spilled lets go of
                 # its file as it exits, just after the goodbye. No wait for other files.
                 spilled = any(peer.live and peer.spilled for peer in store.ranks)
@@ -98,6 +100,7 @@ def _serve(
     if settings.exit_when_done:
         status.waiting_for = liveness.waiting_for
     status.stragglers = watch.progress.stragglers
+    launch = LaunchCheck(store.ranks, settings.backends.world_size)
     last_message_at = 0.0
     scan_at = now + _SPILL_SCAN
     # Still our parent? (Once it exits, this process is handed to another.)
@@ -121,6 +124,7 @@ def _serve(
             parent_pid = None
         store.events.write(store.stats.joins.tick(store.ranks, now))  # joins left over
         store.events.write(router.refusals())
+        store.events.write(launch.check(now))
         store.events.write(liveness.newly_silent(now))
         store.events.write(watch.tick(now))
         status.tick(now)

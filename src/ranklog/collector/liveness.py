@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ranklog.collector.events import Event, event
+from ranklog.collector.launch import disagreement, world_sizes
 from ranklog.collector.peers import RankTable
 from ranklog.reporting import ReportOnce
 
@@ -97,15 +98,28 @@ class Liveness:
 
     def waiting_for(self) -> str:
         """What the exit rule waits for, for the status line ('' when nothing)."""
-        world_size = self.world_size or self.ranks.largest_world_size()
+        world_size = self._world_size()
         absent = self.ranks.never_seen(world_size)
         if not absent:
             return ""
         bound = "" if self.connect_timeout is None else f" (up to {self.connect_timeout:g}s)"
-        return f"waiting for rank(s) {_ranks(absent)} to connect{bound}"
+        differ = disagreement(self.ranks)
+        why = f" (the ranks disagree on the world size: {differ})" if differ else ""
+        return f"waiting for rank(s) {_ranks(absent)} to connect{bound}{why}"
+
+    def _world_size(self) -> int:
+        """The world size the ranks agree on (a launch that differs from --world-size is
+        reported by ranklog.collector.launch); while they disagree, the largest of theirs
+        and --world-size; with no rank heard, --world-size."""
+        sizes = world_sizes(self.ranks)
+        if not sizes:
+            return self.world_size or self.ranks.largest_world_size()
+        if len(sizes) == 1:
+            return next(iter(sizes))
+        return max(*sizes, self.world_size or 0)
 
     def _all_done(self, now: float) -> bool:
-        world_size = self.world_size or self.ranks.largest_world_size()
+        world_size = self._world_size()
         done = self.ranks.all_done(
             world_size, now, self.started_at, self.silence_timeout, self.connect_timeout
         )

@@ -93,6 +93,8 @@ class Peer:
     live: bool = False
     recorded: bool = False  # sent a record or a goodbye (else the first to be evicted)
     inc: str = ""  # the incarnation: set by RankTable.add from the key
+    joined_at: float = 0.0  # when this collector run first heard it
+    mistake: str = ""  # a launch mistake it is part of (ranklog.collector.launch), if any
 
     @property
     def finished(self) -> bool:

@@ -148,6 +148,7 @@ def _heard(
     peer = ranks.get(key)
     if peer is None:
         peer = ranks.add(key, _new_peer(envelope))
+        peer.joined_at = now
         stats.joins.joined(peer)
     else:
         ranks.heard(key)
