@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from ranklog.collector.events import EVENTS_FILE
-from ranklog.collector.peers import MAX_INCARNATIONS
+from ranklog.collector.peers import MAX_INCARNATIONS, Peer, RankTable
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import detect_identity
 from ranklog.wire import decode
@@ -138,3 +138,35 @@ class TestFlood:
         )
         wait_for(lambda: evicted() >= FLOOD - MAX_INCARNATIONS, 10)
         assert len(events(out)) < 2_000  # the events file is bounded too
+
+
+class TestEvictionOrder:
+    """Which incarnation a full table lets go: the cheapest one to forget."""
+
+    @staticmethod
+    def table(*states: str) -> RankTable:
+        """A full table of 3, oldest heard first: ``old`` (read back from an earlier run),
+        ``fresh`` (live, no record yet), ``recorded`` (live, sent records)."""
+        ranks = RankTable(capacity=3)
+        for rank, what in enumerate(states):
+            peer = Peer(rank=rank, world_size=8, host="h", pid=rank, recorded=what != "fresh")
+            peer.live = what != "old"
+            ranks.add(("job", rank, what), peer)
+        return ranks
+
+    def evict_one(self, ranks: RankTable) -> list[int]:
+        """Add a new incarnation (rank 99); the ranks left."""
+        ranks.add(("job", 99, "new"), Peer(rank=99, world_size=8, host="h", pid=99))
+        assert ranks.evicted == 1
+        return sorted(peer.rank for peer in ranks)
+
+    def test_an_earlier_runs_incarnation_goes_first(self) -> None:
+        assert self.evict_one(self.table("old", "fresh", "recorded")) == [1, 2, 99]
+
+    def test_then_one_that_never_sent_a_record_even_if_heard_later(self) -> None:
+        assert self.evict_one(self.table("recorded", "fresh", "recorded")) == [0, 2, 99]
+
+    def test_then_the_one_heard_longest_ago(self) -> None:
+        ranks = self.table("recorded", "recorded", "recorded")
+        ranks.heard(("job", 0, "recorded"))
+        assert self.evict_one(ranks) == [0, 2, 99]
