@@ -22,6 +22,7 @@ _CHECK_EVERY = 1.0
 # An older incarnation heard this long after a newer one of its rank joined is alive too (a
 # restarted rank's predecessor, killed, is heard no more; a rank heartbeats every second).
 BOTH_HEARD = 1.0
+_REPORTED_KEPT = 4096  # mistakes remembered as said (more, as from a flood: forgotten)
 
 
 def world_sizes(ranks: RankTable) -> dict[int, list[int]]:
@@ -55,6 +56,8 @@ class LaunchCheck:
         if now < self._next:
             return []
         self._next = now + _CHECK_EVERY
+        if len(self._reported) > _REPORTED_KEPT:
+            self._reported.clear()
         for peer in self._marked:
             peer.mistake = ""
         self._marked = []
