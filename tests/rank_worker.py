@@ -4,6 +4,7 @@
         --records 3000 [--rate 1000] [--tag t] [--close-timeout 30] [--metrics 16] [--run-id test]
         [--special-values] [--step-delay 0.1] [--sleep-at 50:15] [--shutdown] [--say-steps]
         [--close-limit 300] [--silence-warning 15] [--system-interval 0.5] [--spill-dir D]
+        [--curve-server-key collector.key --curve-key-file me.key_secret]
 
 Without ``--endpoint`` the handler takes ``RANKLOG_ENDPOINT`` (or the derived address).
 """
@@ -47,6 +48,8 @@ def main() -> int:
         "--system-interval", type=float, default=None, help="sample system metrics this often"
     )
     parser.add_argument("--spill-dir", default=None)
+    parser.add_argument("--curve-server-key", default=None, help="the collector's public key")
+    parser.add_argument("--curve-key-file", default=None, help="this rank's .key_secret")
     parser.add_argument(
         "--shutdown", action="store_true", help="end with logging.shutdown(), as at exit"
     )
@@ -65,6 +68,8 @@ def main() -> int:
         spill_dir=args.spill_dir,
         system_metrics=args.system_interval is not None,
         system_interval=args.system_interval,
+        curve_server_key=args.curve_server_key,
+        curve_key_file=args.curve_key_file,
     )
     handler.addFilter(IsMappingFilter())
     logger = logging.getLogger("instructlab.training.metrics")

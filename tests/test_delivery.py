@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import zmq
+import zmq.auth
 
+from ranklog.collector.router import REFUSAL_REPORT_EVERY, AllowList
 from tests.conftest import CollectorProcess, process_tree, ranklog, read_jsonl
 from tests.ranks import REPO, finish, start_ranks
 from tests.wandb_reader import WandbRun, offline_runs, read_run
@@ -436,6 +438,35 @@ class TestCurve:
         c.terminate()
         assert c.wait(30) == 0
         assert [row["step"] for row in read_jsonl(out)] == list(range(200))
+        # Each refused key is named once (it retried for seconds); the plain client has none.
+        intruder_key = (other / "intruder.key").read_text().split('public-key = "')[1][:40]
+        refused = [line for line in c.log().splitlines() if "refused a client" in line]
+        assert len(refused) == 2 and intruder_key in refused[0], refused
+        events = read_jsonl(tmp_path / "out" / ".ranklog" / "events.jsonl")
+        assert next(e["key"] for e in events if e["event"] == "client_refused") == intruder_key
+
+    def test_a_refused_key_is_named_once_a_minute(self, tmp_path: Path) -> None:
+        """An attacker retrying all day costs a line a minute, with the count since."""
+        allowed, other = tmp_path / "allowed", tmp_path / "other"
+        for folder, name in ((allowed, "rank"), (other, "intruder")):
+            assert ranklog("keys", "--out", str(folder), "--name", name).returncode == 0
+        clock = [1000.0]
+        allow_list = AllowList(allowed, clock=lambda: clock[0])
+        (rank_key,), (intruder_key,) = (
+            list(zmq.auth.load_certificates(str(folder))) for folder in (allowed, other)
+        )
+        assert allow_list.callback("*", rank_key)
+        for _ in range(100):  # ten a second for ten seconds
+            assert not allow_list.callback("*", intruder_key)
+            clock[0] += 0.1
+        clock[0] += REFUSAL_REPORT_EVERY
+        assert not allow_list.callback("*", intruder_key)
+        events = allow_list.take_events()
+        assert [(e, f["refused_since"]) for e, f in events] == [
+            ("client_refused", 0),
+            ("client_refused", 99),
+        ]
+        assert allow_list.take_events() == []
 
 
 class TestFullDisk:

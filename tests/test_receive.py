@@ -99,6 +99,32 @@ class TestReceive:
         assert received.acks() == [] and stats.rejected["unexpected-kind"] == 1
 
 
+class TestEviction:
+    """A full rank table makes room; the incarnation let go costs only itself."""
+
+    def test_an_evicted_rank_comes_back_and_the_others_keep_their_state(self) -> None:
+        ranks, stats = RankTable(capacity=2), CollectorStats()
+        a, b, c = (
+            RecordEncoder(detect_identity(rank=r, local_rank=0, world_size=3, run_id="run"))
+            for r in (0, 1, 2)
+        )
+        for route, encoder in ((b"a", a), (b"b", b)):
+            received = receive([(route, [packed(encoder, s, s) for s in (1, 2, 3)])], ranks,
+                               stats, now=1.0)  # fmt: skip
+            received.apply(stats)
+        beat = c.control("heartbeat", base=1, dropped=0, converted=0)
+        receive([(b"c", [beat])], ranks, stats, now=2.0)  # a, heard longest ago, goes
+        assert sorted(peer.rank for peer in ranks) == [1, 2] and ranks.evicted == 1
+        # a comes back: its new records land (its state starts over from its base) ...
+        beat = a.control("heartbeat", base=4, dropped=0, converted=0)
+        back = receive([(b"a", [beat, packed(a, 4, 4), packed(a, 5, 5)])], ranks, stats, now=3.0)
+        back.apply(stats)
+        assert len(back.frames) == 2 and acked(back) == [(b"a", 5)]
+        # ... and b, still held, knows its retransmit.
+        again = receive([(b"b", [packed(b, 3, 3)])], ranks, stats, now=3.0)
+        assert again.frames == [] and acked(again) == [(b"b", 3)]
+
+
 class TestRecover:
     """The journal read back: what was accepted before counts as seen."""
 

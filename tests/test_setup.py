@@ -25,7 +25,7 @@ from ranklog import (
 from ranklog.names import BACKEND_OPTIONS
 from ranklog.rank.embedded import EmbeddedCollector
 from ranklog.rank.setup import _plan
-from tests.conftest import read_jsonl, start_collector
+from tests.conftest import ranklog, read_jsonl, start_collector
 from tests.ranks import start_rank
 from tests.test_delivery import tensorboard_loss_steps, wait_for
 from tests.wandb_reader import offline_runs, read_run
@@ -337,8 +337,26 @@ class TestMultiNodeDefault:
             assert time.monotonic() < deadline, "the embedded collector never listened"
             time.sleep(0.1)
         assert f"listening on tcp://127.0.0.1:{port + 1}" in log.read_text()
-        intruder = start_rank(f"tcp://127.0.0.1:{port + 1}", 5, 6, 50, "--close-timeout", "2")
-        intruder.communicate(timeout=60)
+        # An attacker on the network: its own valid key pair, and the collector's public key
+        # (public: readable in the key folder, or sniffed from the wire).
+        (server_key,) = (out / ".ranklog" / "keys").glob("*/collector.key")
+        attacker = tmp_path / "attacker"
+        assert ranklog("keys", "--out", str(attacker), "--name", "intruder").returncode == 0
+        intruder = start_rank(
+            f"tcp://127.0.0.1:{port + 1}", 5, 6, 50, "--close-timeout", "2", "--say-steps",
+            "--curve-server-key", str(server_key),
+            "--curve-key-file", str(attacker / "intruder.key_secret"),
+        )  # fmt: skip
+        stdout, stderr = intruder.communicate(timeout=60)
+        assert intruder.returncode == 0, stderr
+        assert "logged step 49" in stderr  # it started and logged everything
+        stats = json.loads(stdout.strip().splitlines()[-1])
+        assert stats["held"] == 51, (stats, stderr)  # 50 records and the goodbye: none acked
+        assert "rank 5 could not deliver 51 message(s)" in stderr
+        # It connected, and the collector refused its key: one line, however often it tried.
+        intruder_key = (attacker / "intruder.key").read_text().split('public-key = "')[1][:40]
+        refused = [line for line in log.read_text().splitlines() if "refused a client" in line]
+        assert len(refused) == 1 and intruder_key in refused[0], refused
         for node in nodes:
             _, err = node.communicate(timeout=120)
             assert node.returncode == 0, err[-3000:]

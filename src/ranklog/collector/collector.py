@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ranklog.collector import ownership
-from ranklog.collector.events import StatusLine
+from ranklog.collector.launch import LaunchCheck
 from ranklog.collector.liveness import Liveness
 from ranklog.collector.receive import receive
 from ranklog.collector.router import Router
 from ranklog.collector.settings import DEFAULT_BIND, BackendSettings, ServeSettings
 from ranklog.collector.spills import ingest_spills
+from ranklog.collector.stats import StatusLine
 from ranklog.collector.status import Watch
 from ranklog.collector.store import Store
 from ranklog.errors import ConfigError
@@ -67,6 +68,7 @@ def serve(
                 if on_listening is not None:
                     on_listening(router.endpoint)
                 _serve(router, store, settings, stop, watch)
+                store.events.write(store.stats.joins.tick(store.ranks, float("inf")))  # the last
                 # What the last ranks left: a rank whose goodbye says it spilled lets go of
                 # its file as it exits, just after the goodbye. No wait for other files.
                 spilled = any(peer.live and peer.spilled for peer in store.ranks)
@@ -98,6 +100,7 @@ def _serve(
     if settings.exit_when_done:
         status.waiting_for = liveness.waiting_for
     status.stragglers = watch.progress.stragglers
+    launch = LaunchCheck(store.ranks, settings.backends.world_size)
     last_message_at = 0.0
     scan_at = now + _SPILL_SCAN
     # Still our parent? (Once it exits, this process is handed to another.)
@@ -119,6 +122,9 @@ def _serve(
         if parent_pid is not None and os.getppid() != parent_pid:
             liveness.parent_exited(parent_pid)
             parent_pid = None
+        store.events.write(store.stats.joins.tick(store.ranks, now))  # joins left over
+        store.events.write(router.refusals())
+        store.events.write(launch.check(now))
         store.events.write(liveness.newly_silent(now))
         store.events.write(watch.tick(now))
         status.tick(now)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 
 from ranklog.collector.events import Event, event
+from ranklog.collector.launch import disagreement, world_sizes
 from ranklog.collector.peers import RankTable
 from ranklog.reporting import ReportOnce
 
 _log = logging.getLogger(__name__)
+_NAMED_SILENT = 8  # ranks named one line each when they go silent together; the rest counted
 _QUIET_BEFORE_EXIT = 0.3
 _LONGEST_WAIT_FOR_QUIET = 3.0
 SILENCE_AFTER_PARENT = 10.0  # a rank sends a heartbeat every second while it lives
@@ -38,11 +40,28 @@ class Liveness:
         self.connect_timeout = connect_timeout
         self._done_at: float | None = None
         self._report = ReportOnce(_log)
+        self._silence_check_at = 0.0
 
     def newly_silent(self, now: float) -> list[Event]:
-        """Report the ranks that just went silent."""
+        """Report the ranks that just went silent (checked once a second; more than a few
+        at once, as after a flood of made-up incarnations, in one line)."""
+        if now < self._silence_check_at:
+            return []
+        self._silence_check_at = now + 1.0
+        silent = self.ranks.newly_silent(now, self.silence_timeout)
+        if len(silent) > _NAMED_SILENT:
+            named = ", ".join(f"rank {p.rank} (host {p.host}, pid {p.pid})" for p in silent[:4])
+            _log.warning(
+                "%d rank incarnations have been silent for %.0fs (%d never sent a record; "
+                "%s, ...); counting them as gone",
+                len(silent),
+                self.silence_timeout,
+                sum(not peer.recorded for peer in silent),
+                named,
+            )
+            return [event("ranks_silent", count=len(silent))]
         events = []
-        for peer in self.ranks.newly_silent(now, self.silence_timeout):
+        for peer in silent:
             _log.warning(
                 "rank %d (host %s, pid %d) has been silent for %.0fs; counting it as gone",
                 peer.rank,
@@ -79,15 +98,28 @@ class Liveness:
 
     def waiting_for(self) -> str:
         """What the exit rule waits for, for the status line ('' when nothing)."""
-        world_size = self.world_size or self.ranks.largest_world_size()
+        world_size = self._world_size()
         absent = self.ranks.never_seen(world_size)
         if not absent:
             return ""
         bound = "" if self.connect_timeout is None else f" (up to {self.connect_timeout:g}s)"
-        return f"waiting for rank(s) {_ranks(absent)} to connect{bound}"
+        differ = disagreement(self.ranks)
+        why = f" (the ranks disagree on the world size: {differ})" if differ else ""
+        return f"waiting for rank(s) {_ranks(absent)} to connect{bound}{why}"
+
+    def _world_size(self) -> int:
+        """The world size the ranks agree on (a launch that differs from --world-size is
+        reported by ranklog.collector.launch); while they disagree, the largest of theirs
+        and --world-size; with no rank heard, --world-size."""
+        sizes = world_sizes(self.ranks)
+        if not sizes:
+            return self.world_size or self.ranks.largest_world_size()
+        if len(sizes) == 1:
+            return next(iter(sizes))
+        return max(*sizes, self.world_size or 0)
 
     def _all_done(self, now: float) -> bool:
-        world_size = self.world_size or self.ranks.largest_world_size()
+        world_size = self._world_size()
         done = self.ranks.all_done(
             world_size, now, self.started_at, self.silence_timeout, self.connect_timeout
         )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,9 +63,13 @@ class SeqTracker:
 
 
 PeerKey = tuple[str, int, str]  # (run id, rank, incarnation)
+# Incarnations the table holds: about 2 KB each. Past this, the one to go is one from an
+# earlier collector run or silent, else one that never sent a record, else the one heard
+# longest ago: a made-up flood evicts itself, and a real rank always gets in.
+MAX_INCARNATIONS = 65_536
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     """One rank incarnation: what it sent, when it was last heard, how it ended."""
 
@@ -86,6 +91,10 @@ class Peer:
     # Heard by this collector run, not only read back from the journal: an earlier job's
     # ranks (whose goodbyes the journal still holds) never decide when this job is done.
     live: bool = False
+    recorded: bool = False  # sent a record or a goodbye (else the first to be evicted)
+    inc: str = ""  # the incarnation: set by RankTable.add from the key
+    joined_at: float = 0.0  # when this collector run first heard it
+    mistake: str = ""  # a launch mistake it is part of (ranklog.collector.launch), if any
 
     @property
     def finished(self) -> bool:
@@ -97,11 +106,17 @@ class Peer:
 
 
 class RankTable:
-    """Every incarnation seen, indexed by key and by rank."""
+    """Every incarnation seen (at most ``capacity``), indexed by key and by rank, least
+    recently heard first."""
 
-    def __init__(self) -> None:
-        self._peers: dict[PeerKey, Peer] = {}
-        self._by_rank: dict[int, list[Peer]] = {}
+    def __init__(self, capacity: int = MAX_INCARNATIONS) -> None:
+        self.capacity = capacity
+        self._peers: OrderedDict[PeerKey, Peer] = OrderedDict()
+        self._by_rank: dict[int, dict[PeerKey, Peer]] = {}
+        # Incarnations that had sent no record when added, least recently heard first (one
+        # that sent records since is skipped when it comes up for eviction).
+        self._fresh: OrderedDict[PeerKey, None] = OrderedDict()
+        self.evicted = 0  # incarnations evicted to make room, in all
         # Metric names whose latest value every incarnation keeps (shared with each Cadence).
         self.watched: list[str] = []
 
@@ -115,11 +130,43 @@ class RankTable:
         return self._peers.get(key)
 
     def add(self, key: PeerKey, peer: Peer) -> Peer:
-        peer.run = key[0]
+        """Add ``peer`` as the most recently heard, evicting one if the table is full."""
+        while len(self._peers) >= self.capacity:
+            self._evict(self._victim())
+        peer.run, peer.inc = key[0], key[2]
         peer.progress.watched = self.watched
         self._peers[key] = peer
-        self._by_rank.setdefault(peer.rank, []).append(peer)
+        self._by_rank.setdefault(peer.rank, {})[key] = peer
+        if not peer.recorded:
+            self._fresh[key] = None
         return peer
+
+    def heard(self, key: PeerKey) -> None:
+        """``key`` was just heard: it is the last to be evicted."""
+        self._peers.move_to_end(key)
+        if key in self._fresh:
+            self._fresh.move_to_end(key)
+
+    def _victim(self) -> PeerKey:
+        oldest_key, oldest = next(iter(self._peers.items()))
+        if not oldest.live or oldest.silent:  # an earlier run's, or gone
+            return oldest_key
+        while self._fresh:
+            key = next(iter(self._fresh))
+            peer = self._peers.get(key)
+            if peer is not None and not peer.recorded:
+                return key
+            del self._fresh[key]
+        return oldest_key
+
+    def _evict(self, key: PeerKey) -> None:
+        peer = self._peers.pop(key)
+        self._fresh.pop(key, None)
+        same_rank = self._by_rank[peer.rank]
+        del same_rank[key]
+        if not same_rank:
+            del self._by_rank[peer.rank]
+        self.evicted += 1
 
     def to_state(self) -> list[list[Any]]:
         """Every incarnation, as a de-duplication snapshot keeps it: key, identity, accepted
@@ -135,7 +182,8 @@ class RankTable:
         """The table a snapshot kept; each incarnation last seen ``now``, not live."""
         table = cls()
         for run, rank, inc, world_size, host, pid, seqs, goodbye, dropped, converted, step in rows:
-            peer = Peer(rank=rank, world_size=world_size, host=host, pid=pid, last_seen=now)
+            peer = Peer(rank=rank, world_size=world_size, host=host, pid=pid, last_seen=now,
+                        recorded=True)  # fmt: skip
             peer.tracker = SeqTracker.from_state(seqs)
             peer.goodbye_seq, peer.last_step = goodbye, step
             peer.dropped, peer.converted = dropped, converted
@@ -163,7 +211,7 @@ class RankTable:
         return found
 
     def _live(self, rank: int) -> list[Peer]:
-        return [peer for peer in self._by_rank.get(rank, ()) if peer.live]
+        return [peer for peer in self._by_rank.get(rank, {}).values() if peer.live]
 
     def all_done(
         self,

@@ -23,8 +23,6 @@ from ranklog.errors import ProtocolError
 from ranklog.wire import ACK, GOODBYE, RECORD, decode, pack_ack
 
 _log = logging.getLogger(__name__)
-MAX_INCARNATIONS = 100_000
-_QUIET_JOINS_ABOVE = 4096  # past this many incarnations a join is noise (or an attack)
 
 __all__ = ["CollectorStats", "Message", "Received", "account", "receive", "recover"]
 
@@ -99,6 +97,7 @@ def receive(
                     exc_info=True,
                     level=logging.ERROR,
                 )
+    received.events.extend(stats.joins.tick(ranks, now))
     return received
 
 
@@ -112,7 +111,7 @@ def _receive_frame(
     key = (envelope["run"], envelope["rank"], envelope["inc"])
     routed, peer = into._last
     if routed is None or routed[1] != key or routed[0] != route:
-        peer = _heard(route, key, envelope, ranks, now, into)
+        peer = _heard(route, key, envelope, ranks, stats, now, into)
     assert peer is not None
     if kind in (RECORD, GOODBYE):
         seq = envelope["seq"]
@@ -130,24 +129,19 @@ def _heard(
     key: PeerKey,
     envelope: dict[str, Any],
     ranks: RankTable,
+    stats: CollectorStats,
     now: float,
     into: Received,
 ) -> Peer:
-    """The peer of ``key`` (added if new), live and routed."""
+    """The peer of ``key`` (added if new, evicting another if the table is full), live and
+    routed."""
     peer = ranks.get(key)
     if peer is None:
-        if len(ranks) >= MAX_INCARNATIONS:
-            raise ProtocolError("too-many-ranks", f"over {MAX_INCARNATIONS} incarnations")
         peer = ranks.add(key, _new_peer(envelope))
-        _log.log(
-            logging.INFO if len(ranks) <= _QUIET_JOINS_ABOVE else logging.DEBUG,
-            "rank %d joined (host %s, pid %d, world size %d)",
-            peer.rank,
-            peer.host,
-            peer.pid,
-            peer.world_size,
-        )
-        into.events.append(event("rank_joined", rank=peer.rank, host=peer.host, pid=peer.pid))
+        peer.joined_at = now
+        stats.joins.joined(peer)
+    else:
+        ranks.heard(key)
     if peer.silent:
         peer.silent = False
         into.events.append(event("rank_resumed", rank=peer.rank, pid=peer.pid))
@@ -185,6 +179,7 @@ def account(
     """Account for one journaled record or goodbye (live, or read back after a restart).
     The backends read the record itself from the journal."""
     peer.tracker.accept(envelope["seq"])
+    peer.recorded = True
     if envelope["kind"] == RECORD:
         stats.accepted += 1
         if envelope["step"] is not None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from ranklog.collector.events import Event, event
 from ranklog.collector.receive import Message
 from ranklog.collector.settings import ServeSettings
 from ranklog.errors import ConfigError
@@ -20,6 +24,8 @@ _log = logging.getLogger(__name__)
 # decoded envelopes (about 2.5 KB a record) until the fsync: 1,024 stay in the CPU's caches,
 # 4,096 did not (the receive loop's CPU per record was a quarter higher).
 _BATCH_FRAMES = 1024
+REFUSAL_REPORT_EVERY = 60.0  # seconds between lines about one refused client key
+_REFUSED_KEYS_KEPT = 4096  # keys whose last report is remembered (more: forgotten at once)
 
 
 class Router:
@@ -32,9 +38,12 @@ class Router:
     def __enter__(self) -> Router:
         self._context = zmq.Context()
         self._authenticator: Any = None
+        self._allow_list: AllowList | None = None
         try:
             if self.settings.curve_secret is not None:
-                self._authenticator = _start_curve(self._context, self.settings.curve_allow)
+                self._authenticator, self._allow_list = _start_curve(
+                    self._context, self.settings.curve_allow
+                )
             self._sock = self._open_socket()
         except BaseException:
             self._close_context()
@@ -49,6 +58,10 @@ class Router:
             # ZeroMQ leaves the socket file behind; nothing listens on it any more.
             with contextlib.suppress(OSError):
                 os.unlink(self.endpoint.removeprefix("ipc://"))
+
+    def refusals(self) -> list[Event]:
+        """``client_refused`` events since the last call (one per key a minute at most)."""
+        return self._allow_list.take_events() if self._allow_list is not None else []
 
     def _close_context(self) -> None:
         if self._authenticator is not None:
@@ -122,7 +135,7 @@ def _load_key_pair(path: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def _start_curve(context: zmq.Context[Any], allow: Path | None) -> Any:
+def _start_curve(context: zmq.Context[Any], allow: Path | None) -> tuple[Any, AllowList | None]:
     """ZeroMQ's authenticator: only allowed client keys connect (any, without ``allow``)."""
     import zmq.auth
     from zmq.auth.thread import ThreadAuthenticator
@@ -132,9 +145,53 @@ def _start_curve(context: zmq.Context[Any], allow: Path | None) -> Any:
     if allow is None:
         authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         _log.warning("CURVE without --curve-allow: encrypted, but any client key may connect")
-    elif not any(allow.glob("*.key")):
+        return authenticator, None
+    if not any(allow.glob("*.key")):
         authenticator.stop()
         raise ConfigError(f"no public keys (*.key) in {allow}")
-    else:
-        authenticator.configure_curve(domain="*", location=str(allow))
-    return authenticator
+    allow_list = AllowList(allow)
+    authenticator.configure_curve_callback(domain="*", credentials_provider=allow_list)
+    return authenticator, allow_list
+
+
+class AllowList:
+    """The client keys ``--curve-allow`` names, as pyzmq's authenticator asks about them
+    (``callback``, on its thread). A refused key is logged at most once a minute (with how
+    often it was refused since), so an attacker cannot flood the log."""
+
+    def __init__(self, folder: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        import zmq.auth
+
+        self.folder = folder
+        self._clock = clock
+        self._allowed = set(zmq.auth.load_certificates(str(folder)))
+        self._lock = threading.Lock()
+        self._reported: dict[bytes, tuple[float, int]] = {}  # key: (last report, refusals since)
+        self._events: list[Event] = []
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self._allowed:
+            return True
+        now = self._clock()
+        with self._lock:
+            if len(self._reported) >= _REFUSED_KEYS_KEPT:
+                self._reported.clear()
+            reported_at, since = self._reported.get(key, (-REFUSAL_REPORT_EVERY, 0))
+            if now - reported_at < REFUSAL_REPORT_EVERY:
+                self._reported[key] = (reported_at, since + 1)
+                return False
+            self._reported[key] = (now, 0)
+            self._events.append(event("client_refused", key=key.decode(), refused_since=since))
+        _log.warning(
+            "refused a client: its CURVE key %s is not in --curve-allow %s%s (further "
+            "refusals of this key are logged once a minute)",
+            key.decode(),
+            self.folder,
+            f"; refused {since} more times since the last line" if since else "",
+        )
+        return False
+
+    def take_events(self) -> list[Event]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events

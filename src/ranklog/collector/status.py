@@ -166,7 +166,9 @@ def _row(peer: Peer, lead: int | None, now: float, metrics: list[str]) -> dict[s
         "rank": peer.rank,
         "host": peer.host,
         "pid": peer.pid,
-        "state": state(peer),
+        # A launch mistake follows the state (top styles the state by its first word).
+        "state": f"{state(peer)}: {peer.mistake}" if peer.mistake else state(peer),
+        "mistake": peer.mistake or None,
         "step": step,
         "steps_per_s": None if cadence.rate is None else round(cadence.rate, 3),
         "lag": None if lead is None or step is None else lead - step,

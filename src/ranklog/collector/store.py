@@ -10,11 +10,11 @@ from typing import Any
 import msgpack
 
 from ranklog.collector.backend_process import BackendProcess
-from ranklog.collector.events import EventLog, event, log_status
+from ranklog.collector.events import EventLog, event
 from ranklog.collector.peers import RankTable
 from ranklog.collector.receive import Received, account, recover
 from ranklog.collector.settings import BackendSettings
-from ranklog.collector.stats import CollectorStats
+from ranklog.collector.stats import CollectorStats, log_status
 from ranklog.journal import (
     SEGMENT_BYTES,
     Journal,

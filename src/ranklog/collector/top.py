@@ -114,7 +114,7 @@ def render(snapshot: dict[str, Any], metrics: list[str]) -> Any:
                    "individual", *metrics, "dropped", "resent"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("host", "state") else "right")
     for row in snapshot["ranks"]:
-        style = _STATE_STYLES.get(row["state"], "")
+        style = _STATE_STYLES.get(row["state"].split(":")[0], "")
         table.add_row(
             str(row["rank"]), row["host"], f"[{style}]{row['state']}[/]" if style else row["state"],
             _text(row["step"]), _text(row["steps_per_s"], ".1f"), _text(row["lag"]),
