@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,22 @@ class TestWandbInTheCollector:
             [1 / (s + 1) for s in range(300)]
         )
         assert run.history[-1]["train/tokens"] == 2990
+
+    def test_a_wandb_service_left_in_the_environment_is_not_used(
+        self, collector: Callable[..., CollectorProcess], tmp_path: Path
+    ) -> None:
+        """A process that ran wandb (rank 0 that called ``wandb.init`` itself) leaves its
+        service's address in ``WANDB_SERVICE``; the collector it starts must not log
+        through a service that goes away with that process."""
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        env = {
+            "WANDB_MODE": "offline",
+            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+            "WANDB_SERVICE": f"3-{gone.pid}-unix-{tmp_path / 'gone' / 'socket'}",
+        }
+        c = run_all_backends(collector, 20, env=env)
+        assert [row["_step"] for row in only_run(c.output_dir).history] == list(range(20))
 
     def test_init_failure_is_reported_once_and_the_others_go_on(
         self, collector: Callable[..., CollectorProcess], tmp_path: Path

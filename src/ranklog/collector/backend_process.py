@@ -29,6 +29,10 @@ class BackendProcess:
         env = dict(os.environ)
         # The child imports what this process can: ranklog itself, a config's handler modules.
         env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+        # A process that ran wandb leaves its service's address here (rank 0 that called
+        # wandb.init before starting the embedded collector, a test run): W&B would log
+        # through that process's service, and hang once it is gone. Ours starts its own.
+        env.pop("WANDB_SERVICE", None)
         self._proc = subprocess.Popen(
             [sys.executable, "-c", "import sys, ranklog.backends.host as h; sys.exit(h.main())"],
             stdin=subprocess.PIPE,
