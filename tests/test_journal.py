@@ -17,8 +17,8 @@ from ranklog.journal import (
     prune,
     read_entries,
     segments,
-    write_snapshot,
 )
+from ranklog.snapshots import write_snapshot
 
 
 def frame(n: int, pad: int = 100) -> bytes:

@@ -16,6 +16,8 @@ SHARED = {
     "ranklog.wire",
     "ranklog.envelope",
     "ranklog.journal",
+    "ranklog.snapshots",
+    "ranklog.durable",
     "ranklog.pipe",
     "ranklog.names",
     "ranklog.errors",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ranklog.journal import journal_path, segments, snapshots, spill_path
+from ranklog.journal import journal_path, segments, spill_path
+from ranklog.snapshots import snapshots
 from tests.conftest import CollectorProcess, process_tree
 from tests.lazyfs import LazyFS, lazyfs_binary
 from tests.ranks import finish, start_rank

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from ranklog.collector.store import segment_bytes
-from ranklog.journal import DEFAULT_RETENTION, Journal, journal_path, snapshots
+from ranklog.journal import DEFAULT_RETENTION, Journal, journal_path
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.identity import RankIdentity
+from ranklog.snapshots import snapshots
 from ranklog.wire import GOODBYE
 from tests.conftest import READY, start_collector
 from tests.test_delivery import wait_for

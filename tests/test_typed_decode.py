@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 
 from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.records import build_record
+from ranklog.backends.route import Route
+from ranklog.backends.sink import Sink
 from ranklog.errors import ProtocolError
 from ranklog.filters import IsMappingFilter
 from ranklog.rank.encoder import RecordEncoder
@@ -182,6 +184,20 @@ class TestJournaledStructs:
         goodbye = ENCODER.control("goodbye", seq=4, base=0, dropped=0, converted=0)
         assert decode(goodbye)["kind"] == "goodbye"
         assert decode_journaled_record(goodbye) is None
+
+    def test_a_record_the_struct_refuses_reaches_a_backend_the_tables_way(self) -> None:
+        """A value nested deeper than the struct takes: the sink builds its LogRecord from
+        the map instead, the same as for any record; a goodbye builds none."""
+        msg = {"a": {"b": {"c": 1}}, "bytes": b"x"}
+        frame = ENCODER.record(3, _record(msg, 7))
+        assert decode_journaled_record(frame) is None
+        sink = Sink(logging.NullHandler(), Route([logging.getLogger()]))
+        record = sink.record(frame, 5, 9)
+        assert record is not None
+        assert (record.msg, record.step, record.rank, record.run_id) == (msg, 7, 2, "typed")
+        goodbye = ENCODER.control("goodbye", seq=4, base=0, dropped=0, converted=0)
+        assert sink.record(goodbye, 9, 20) is None
+        assert sink.failed == 0  # nothing reported: a goodbye is no record
 
 
 MESSAGES: list[Any] = [

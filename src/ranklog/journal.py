@@ -4,7 +4,7 @@ Entries are ``<length:u32><crc32:u32><frame>``, the frame being the envelope exa
 arrived. They lie in segment files ``<output-dir>/.ranklog/journal/journal-<start>.seg``,
 each named by the journal offset of its first byte: a journal position is a byte offset
 counted across every segment ever written, so checkpoints stay valid when old segments go.
-Beside them lies the collector's de-duplication snapshot (``snapshot-<offset>.msgpack``):
+Beside them lies the collector's de-duplication snapshot (``snapshots.py``):
 a restart reads it and only the journal after ``offset``.
 
 A damaged entry (a bad checksum, an impossible length) costs that entry only: readers skip
@@ -25,6 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+# fsync_directory and the snapshot functions are named here too, for the collector's and
+# the rank side's imports from before they had modules of their own.
+from ranklog.durable import fsync_directory as fsync_directory
+from ranklog.snapshots import latest_snapshot as latest_snapshot
+from ranklog.snapshots import snapshot_path as snapshot_path
+from ranklog.snapshots import write_snapshot as write_snapshot
 from ranklog.wire import MAX_FRAME_BYTES
 
 STATE_DIR = ".ranklog"
@@ -36,7 +42,6 @@ SEGMENT_BYTES = 64 << 20  # a segment is closed once it holds this much
 DEFAULT_RETENTION = 1 << 30  # ``--journal-retention``'s default: 1 GiB
 _HEADER = struct.Struct("<II")
 _SEGMENT = re.compile(r"journal-(\d{16})\.seg")
-_SNAPSHOT = re.compile(r"snapshot-(\d{16})\.msgpack")
 _MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}  # an envelope is a msgpack map
 
 _log = logging.getLogger(__name__)
@@ -312,55 +317,7 @@ def _adopt_legacy(directory: Path) -> None:
         _log.info("journal %s moved to %s (segments)", legacy, segment_path(directory, 0))
 
 
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, fsynced (the rename too, so that a power
-    loss cannot undo it). An OSError (a full disk) reaches the caller."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-# -- the de-duplication snapshot, and retention ------------------------------------------
-
-
-def snapshots(directory: Path) -> list[tuple[int, Path]]:
-    """``(offset, path)`` of each snapshot file, oldest first."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    found = [(int(m.group(1)), name) for name in names if (m := _SNAPSHOT.fullmatch(name))]
-    return [(offset, directory / name) for offset, name in sorted(found)]
-
-
-def latest_snapshot(directory: Path) -> int | None:
-    """The journal offset the newest snapshot is valid to (None: there is none)."""
-    found = snapshots(directory)
-    return found[-1][0] if found else None
-
-
-def snapshot_path(directory: Path, offset: int) -> Path:
-    return directory / f"snapshot-{offset:016d}.msgpack"
-
-
-def write_snapshot(directory: Path, offset: int, payload: bytes) -> None:
-    """Save the snapshot valid to ``offset`` durably, then drop the older ones."""
-    write_durably(snapshot_path(directory, offset), payload)
-    for older, older_path in snapshots(directory):
-        if older != offset:
-            older_path.unlink(missing_ok=True)
+# -- retention ---------------------------------------------------------------------------
 
 
 def prune(directory: Path, retention: int, keep_from: int) -> list[Segment]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 import msgpack
 
@@ -22,7 +22,9 @@ from ranklog.errors import ProtocolError
 from ranklog.names import MAX_NAME_CHARS
 
 if TYPE_CHECKING:
-    from ranklog.envelope import RecordEnvelope
+    from msgspec.msgpack import Decoder
+
+    from ranklog.envelope import FlatRecordEnvelope, RecordEnvelope
 
 PROTOCOL_VERSION = 1
 RECORD, HELLO, HEARTBEAT, GOODBYE, ACK = "record", "hello", "heartbeat", "goodbye", "ack"
@@ -192,11 +194,44 @@ def _decode_untyped(frame: bytes) -> dict[str, Any]:
     return envelope
 
 
-def decode_journaled(frame: bytes) -> dict[str, Any]:
+class RecordMap(TypedDict):
+    """A record envelope as msgpack decodes it: the keys of
+    :class:`~ranklog.envelope.RecordEnvelope`, with values as loose as the table's rules
+    let through (``msg`` and ``extra`` values of any depth). What a journaled record the
+    typed path does not take is."""
+
+    v: int
+    kind: str
+    run: str
+    rank: int
+    inc: str
+    local_rank: int
+    world_size: int
+    host: str
+    pid: int
+    seq: int
+    time: float
+    logger: str
+    level: int
+    step: int | None
+    hparams: bool
+    msg: object
+    extra: dict[str, object]
+
+
+def decode_journaled(frame: bytes) -> dict[str, object]:
     """Decode a journal entry: an envelope :func:`decode` accepted on its way in (the
     journal's checksum guards the bytes since), so it is not validated again."""
-    envelope: dict[str, Any] = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    envelope: dict[str, object] = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     return envelope
+
+
+def decode_journaled_map(frame: bytes) -> RecordMap | None:
+    """A journaled record as a :class:`RecordMap` (None: a goodbye), for a record
+    :func:`decode_journaled_record` does not take."""
+    envelope = decode_journaled(frame)
+    # The table checked every field of it before it was journaled.
+    return cast(RecordMap, envelope) if envelope.get("kind") == RECORD else None
 
 
 def decode_journaled_record(frame: bytes) -> RecordEnvelope | None:
@@ -218,10 +253,10 @@ class _TypedRecords:
     which decides."""
 
     def __init__(self) -> None:
-        self.general: Any = None
-        self.checked: Any = None
+        self.general: Decoder[RecordEnvelope] | None = None
+        self.checked: Any = None  # a Decoder of a TypedDict made below, at run time
         self.header: tuple[bytes, ...] = ()
-        self.flat: Any = None
+        self.flat: Decoder[FlatRecordEnvelope] | None = None
         self.rest: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
         fields = [f for f in ENVELOPE if RECORD in f.kinds]
         try:
@@ -259,14 +294,14 @@ class _TypedRecords:
         return envelope
 
     def journaled(self, frame: bytes) -> RecordEnvelope | None:
-        if self.general is None:
+        if self.general is None or self.flat is None:
             return None
         try:
-            return self.flat.decode(frame)  # type: ignore[no-any-return]
+            return self.flat.decode(frame)
         except Exception:
             pass
         try:
-            return self.general.decode(frame)  # type: ignore[no-any-return]
+            return self.general.decode(frame)
         except Exception:
             return None
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ranklog.journal import fsync_directory, write_durably
+from ranklog.durable import fsync_directory, write_durably
 
 if TYPE_CHECKING:
     from ranklog.backends.policies import RankPolicy

@@ -10,10 +10,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ranklog.backends.protocol import follow_job
 from ranklog.flatten import flatten_dict
 from ranklog.run_name import run_name_for
 
 _log = logging.getLogger(__name__)
+#: The job of a handler with no run yet: the first record's job differs from it.
+_NO_RUN = object()
 
 
 class MLflowHandler(logging.Handler):
@@ -61,7 +64,8 @@ class MLflowHandler(logging.Handler):
         self.dropped = 0
         self._client: Any = None
         self._experiment_id = "0"
-        self._job: Any = None
+        #: The job the run is of (see follow_job); none before the first record.
+        self.job: object = _NO_RUN
         self._started = datetime.now()
 
     def _setup(self, record: logging.LogRecord) -> bool:
@@ -84,7 +88,7 @@ class MLflowHandler(logging.Handler):
                     else client.create_experiment(self.experiment_name)
                 )
             self._client = client
-            self._start_run(record, self._started)
+            follow_job(self, record)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             _log.error(
@@ -96,11 +100,15 @@ class MLflowHandler(logging.Handler):
             return False
         return True
 
-    def _start_run(self, record: logging.LogRecord, now: datetime) -> None:
-        name = run_name_for(self.run_name, record, now=now)
+    def start_job(self, job: str | None, first: logging.LogRecord) -> None:
+        """End the last job's run, if one; start this job's, named for ``first``."""
+        now = self._started
+        if self.run_id is not None:
+            self._client.set_terminated(self.run_id, end_time=int(time.time() * 1000))
+            now = datetime.now()
+        name = run_name_for(self.run_name, first, now=now)
         run = self._client.create_run(self._experiment_id, run_name=name, **self.mlflow_init_kwargs)
         self.run_id = run.info.run_id
-        self._job = getattr(record, "run_id", None)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.failure is not None:
@@ -114,9 +122,7 @@ class MLflowHandler(logging.Handler):
         try:
             from mlflow.entities import Metric, Param
 
-            if getattr(record, "run_id", None) != self._job:  # the next job: a run of its own
-                self._client.set_terminated(self.run_id, end_time=int(time.time() * 1000))
-                self._start_run(record, datetime.now())
+            follow_job(self, record)  # the next job: a run of its own
             flat = flatten_dict(record.msg, sep=".")
             if getattr(record, "hparams", False):
                 params = [Param(key, str(value)) for key, value in flat.items()]

@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ranklog.backends.protocol import START_ATTR
-from ranklog.backends.rank_policy import RankPolicy, derived, job_of, rank_of
+from ranklog.backends.protocol import START_ATTR, job_of
+from ranklog.backends.rank_policy import RankPolicy, derived, rank_of
 from ranklog.backends.reduce import RANKS_REPORTED, REDUCERS, ReducePolicy
 from ranklog.errors import ConfigError
 from ranklog.filters import IsRank0Filter

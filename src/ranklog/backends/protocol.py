@@ -21,12 +21,18 @@ self.handleError(record)``.
 The sink checks these with ``isinstance`` once, when it is built; a handler need not
 inherit from anything here. Each record carries its place in the journal as two attributes,
 :data:`OFFSET_ATTR` and :data:`START_ATTR`, for a backend that must say itself how far it got.
+
+A backend (or rank policy) that keeps jobs apart, a run of its own per job, implements
+:class:`StartsJobs` and calls :func:`follow_job` with each record it gets: the one place
+that notices the next job, and tells the backend through ``start_job``. It is called from
+``emit`` (not by the sink) so that a handler used on its own keeps its jobs apart too.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ranklog.backends.owned_files import OwnedFiles
 
@@ -43,6 +49,41 @@ OFFSET_ATTR = "ranklog_offset"
 #: Record attribute: the journal offset where the record's entry starts (where to read
 #: again to see the record again); rank policies use it.
 START_ATTR = "ranklog_start"
+
+_Started = TypeVar("_Started", covariant=True)
+
+
+def job_of(record: logging.LogRecord) -> str | None:
+    """The record's job (its run id: torchrun's ``TORCHELASTIC_RUN_ID``), None if it says none."""
+    job = getattr(record, "run_id", None)
+    return None if job is None else str(job)
+
+
+class StartsJobs(Protocol[_Started]):
+    """A backend (or a rank policy) that keeps jobs apart: told once when the next job
+    begins, by :func:`follow_job`, before that job's first record."""
+
+    #: The job of the records it got last (or a value of its own before the first record):
+    #: what :func:`follow_job` compares each record's job with, and sets after
+    #: :meth:`start_job`. A backend that checkpoints it restores it too.
+    job: object
+
+    def start_job(self, job: str | None, first: logging.LogRecord) -> _Started:
+        """``first``, of ``job``, is the first record of a job other than :attr:`job`
+        (still the last one's): end what belongs to the last job, begin this one's."""
+        ...
+
+
+def follow_job(backend: StartsJobs[_Started], record: logging.LogRecord) -> _Started | None:
+    """Tell ``backend`` if ``record`` begins the next job: what its ``start_job`` returned,
+    or None if the record is of the job it has. If ``start_job`` fails, the job stays the
+    last one's, and the next record of the new job tries again."""
+    job = job_of(record)
+    if job == backend.job:
+        return None
+    started = backend.start_job(job, record)
+    backend.job = job
+    return started
 
 
 @runtime_checkable

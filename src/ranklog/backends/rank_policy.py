@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from ranklog.backends.protocol import job_of
 from ranklog.flatten import flatten_dict
 from ranklog.run_name import MERGED_ATTR
 
@@ -17,11 +18,6 @@ def rank_of(record: logging.LogRecord) -> int:
     """The record's global rank (0 if it says none)."""
     rank = getattr(record, "rank", None)
     return int(rank) if rank is not None else 0
-
-
-def job_of(record: logging.LogRecord) -> Any:
-    """The record's job (run id): steps and hyper-parameters count per job."""
-    return getattr(record, "run_id", None)
 
 
 def derived(record: logging.LogRecord, msg: Any, **attrs: Any) -> logging.LogRecord:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ranklog.backends.protocol import OFFSET_ATTR, START_ATTR
 
 if TYPE_CHECKING:
     from ranklog.envelope import RecordEnvelope
+    from ranklog.wire import RecordMap
 
 # Every attribute LogRecord.__init__ sets, as it sets them for a record with no source
 # location; build_record fills in the rest. Copying it costs a third of what __init__ does.
@@ -17,17 +19,20 @@ _TEMPLATE = logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
 _START = getattr(logging, "_startTime", time.time())
 
 
-def build_record(
-    envelope: RecordEnvelope | dict[str, Any], start: int, end: int
-) -> logging.LogRecord:
+def build_record(envelope: RecordEnvelope | RecordMap, start: int, end: int) -> logging.LogRecord:
     """The LogRecord a rank logged, with its origin as attributes.
 
-    ``envelope`` is a decoded envelope: a dict, or the typed struct of
-    :class:`ranklog.envelope.RecordEnvelope` (the same names, as attributes).
+    ``envelope`` is a decoded record: the typed struct of
+    :class:`ranklog.envelope.RecordEnvelope`, or a :class:`ranklog.wire.RecordMap` (the
+    same names, as keys) for a record the struct does not take.
     ``start`` and ``end`` are where the record's entry lies in the journal: backends and
     their policies use them to know what they already wrote, and where to resume.
     """
-    get = envelope.__getitem__ if type(envelope) is dict else envelope.__getattribute__
+    # One getter for both shapes: one body builds the record either way (the struct's is
+    # the hot path); the LogRecord's attributes are untyped anyway.
+    get: Callable[[str], Any] = (
+        envelope.__getitem__ if isinstance(envelope, dict) else envelope.__getattribute__
+    )
     attrs = _TEMPLATE.copy()
     attrs.update(get("extra"))  # first: the fields below always win
     level = get("level")

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ranklog.backends.protocol import START_ATTR
-from ranklog.backends.rank_policy import RankPolicy, derived, job_of, rank_of
+from ranklog.backends.protocol import START_ATTR, follow_job
+from ranklog.backends.rank_policy import RankPolicy, derived, rank_of
 from ranklog.flatten import flatten_dict
 from ranklog.names import DEFAULT_POLICY_TIMEOUT
 from ranklog.reporting import ReportOnce
@@ -70,7 +70,8 @@ class ReducePolicy(RankPolicy):
         self._open: dict[tuple[str, int], list[_Step]] = {}
         self._order = itertools.count()
         self._emitted_step: int | None = None
-        self._job: Any = None
+        #: The job of the steps held (None: a fresh policy, or a checkpoint from before jobs).
+        self.job: object = None
         self._report = ReportOnce(_log)
 
     @property
@@ -88,7 +89,7 @@ class ReducePolicy(RankPolicy):
         if step is None or not isinstance(record.msg, Mapping):
             return [record] if rank_of(record) == 0 else []
         self.world_size = max(self.world_size, int(getattr(record, "world_size", None) or 1))
-        ended = self._endjob_of(job_of(record)) if job_of(record) != self._job else []
+        ended = follow_job(self, record) or []
         if self._emitted_step is not None and step < self._emitted_step:
             self._count_late(step)
             return ended + self.due(now)
@@ -109,13 +110,12 @@ class ReducePolicy(RankPolicy):
             group.values.setdefault(key, {})[rank] = value
         return ended + self.due(now)
 
-    def _endjob_of(self, job: Any) -> list[logging.LogRecord]:
+    def start_job(self, job: str | None, first: logging.LogRecord) -> list[logging.LogRecord]:
         """The next job began: hand on what is held of the last one; start steps afresh."""
         why = "when the next job began"
         held = [self._emit(heapq.heappop(self._heap), why) for _ in range(len(self._heap))]
-        if self._job is not None:  # None: a fresh policy, or a checkpoint from before jobs
+        if self.job is not None:  # None: a fresh policy, or a checkpoint from before jobs
             self._emitted_step = None
-        self._job = job
         return held
 
     def due(self, now: float) -> list[logging.LogRecord]:
@@ -134,12 +134,12 @@ class ReducePolicy(RankPolicy):
 
     def checkpoint(self) -> dict[str, Any] | None:
         state = {**(super().checkpoint() or {}), "emitted_step": self._emitted_step}
-        return {**state, "job": self._job} if self._job is not None else state
+        return {**state, "job": self.job} if self.job is not None else state
 
     def restore(self, state: dict[str, Any] | None) -> None:
         super().restore(state)
         self._emitted_step = (state or {}).get("emitted_step")  # later steps only, in order
-        self._job = (state or {}).get("job")
+        self.job = (state or {}).get("job")
 
     def drain(self) -> list[logging.LogRecord]:
         out = [self._emit(heapq.heappop(self._heap), "at shutdown") for _ in range(len(self._heap))]

@@ -30,10 +30,11 @@ from ranklog.backends.protocol import (
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.reporting import ReportOnce
-from ranklog.wire import RECORD, decode_journaled, decode_journaled_record
+from ranklog.wire import decode_journaled_map, decode_journaled_record
 
 if TYPE_CHECKING:
     from ranklog.envelope import RecordEnvelope
+    from ranklog.wire import RecordMap
 
 _log = logging.getLogger(__name__)
 
@@ -82,13 +83,11 @@ class Sink:
     ) -> logging.LogRecord | None:
         """The LogRecord of a journaled record, if it reaches this backend."""
         try:
-            envelope: RecordEnvelope | dict[str, Any] | None = typed or decode_journaled_record(
-                frame
+            envelope: RecordEnvelope | RecordMap | None = (
+                typed or decode_journaled_record(frame) or decode_journaled_map(frame)
             )
             if envelope is None:
-                envelope = decode_journaled(frame)
-                if envelope["kind"] != RECORD:
-                    return None  # a goodbye
+                return None  # a goodbye
             record = build_record(envelope, start, end)
         except Exception:
             self.failure("could not read a journal entry")

@@ -20,6 +20,7 @@ from typing import Any
 
 from ranklog.backends.arguments import reject_unknown
 from ranklog.backends.owned_files import OwnedFiles, cut_back
+from ranklog.backends.protocol import follow_job, job_of
 from ranklog.flatten import flatten_dict
 from ranklog.reporting import ReportOnce
 from ranklog.run_name import job_suffix, path_inside, run_name_for
@@ -120,8 +121,9 @@ class TensorBoardHandler(logging.Handler):
         self._started = datetime.now()
         self._writer: Any = None
         self._warn_once = ReportOnce(_log)
-        # The job the writer writes, and each job's run folder (checkpointed).
-        self._job: Any = None
+        # The job the writer writes (see follow_job), and each job's run folder
+        # (checkpointed).
+        self.job: object = None
         self._runs: dict[str, str] = {}
         # Crash recovery, driven by the collector: a run folder from a checkpoint older than
         # jobs, whether to empty each run folder when first opened (a rebuild), the folders
@@ -131,7 +133,13 @@ class TensorBoardHandler(logging.Handler):
         self._opened_dirs: set[Path] = set()
         self.owned_files = OwnedFiles()
 
-    def _open_run(self, record: logging.LogRecord, job: Any) -> Any:
+    def start_job(self, job: str | None, first: logging.LogRecord) -> None:
+        """The next job: the last one's run is complete; ``first`` opens this one's."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def _open_run(self, record: logging.LogRecord, job: str | None) -> Any:
         """The writer for ``record``'s job: its run folder, a new event file in it."""
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -140,11 +148,7 @@ class TensorBoardHandler(logging.Handler):
                 "TensorBoardHandler needs the tensorboard package: pip install 'ranklog[collector]'"
             ) from exc
         _quiet_writer_thread_errors()
-        if self._writer is not None:  # the next job: this one's run is complete
-            writer, self._writer = self._writer, None
-            writer.close()
         self.run_dir = self._run_dir_for(record, job)
-        self._job = job
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._empty_first and self.run_dir not in self._opened_dirs:
             for old in self.run_dir.glob("events.out.tfevents.*"):
@@ -159,7 +163,7 @@ class TensorBoardHandler(logging.Handler):
         self.owned_files.opened(self._event_file())
         return self._writer
 
-    def _run_dir_for(self, record: logging.LogRecord, job: Any) -> Path:
+    def _run_dir_for(self, record: logging.LogRecord, job: str | None) -> Path:
         key = "" if job is None else str(job)
         known = self._runs.get(key)
         if known is not None:
@@ -193,9 +197,8 @@ class TensorBoardHandler(logging.Handler):
             )
             return
         try:
-            job = getattr(record, "run_id", None)
-            writer = self._writer if job == self._job else None
-            writer = writer or self._open_run(record, job)
+            follow_job(self, record)
+            writer = self._writer or self._open_run(record, job_of(record))
             summary = self._summary(record, record.msg)
             if summary is None:
                 return

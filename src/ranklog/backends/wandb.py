@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklog.backends.owned_files import OwnedFiles
-from ranklog.backends.protocol import OFFSET_ATTR
+from ranklog.backends.protocol import OFFSET_ATTR, follow_job, job_of
 from ranklog.backends.wandb_log import settle, wait_finished
 from ranklog.backends.wandb_values import loggable
 from ranklog.flatten import flatten_dict
@@ -22,7 +22,7 @@ from ranklog.run_name import run_name_for
 
 _log = logging.getLogger(__name__)
 #: The job of a handler that has seen no record yet: the first record's job is its own.
-_FIRST: Any = object()
+_FIRST = object()
 
 
 class WandbHandler(logging.Handler):
@@ -88,7 +88,7 @@ class WandbHandler(logging.Handler):
         self._started = datetime.now()
         self._runs_started = 0
         # The job being logged, each job's run id, and where W&B keeps the runs' logs.
-        self._job: Any = _FIRST
+        self.job: object = _FIRST
         self._runs: dict[str, str] = {}
         self._wandb_dir: Path | None = None
         # The job's run to start or resume (after a collector restart, or a job seen again),
@@ -147,7 +147,7 @@ class WandbHandler(logging.Handler):
             given = self.wandb_init_kwargs.get("id") or os.environ.get("WANDB_RUN_ID")
             fresh = given and given not in self._runs.values()
             run_id = str(given) if fresh else uuid.uuid4().hex[:12]
-            self._resume_id = self._runs[_job_key(self._job)] = run_id
+            self._resume_id = self._runs[_job_key(job_of(record))] = run_id
             self._announce()
         try:
             import wandb
@@ -174,9 +174,7 @@ class WandbHandler(logging.Handler):
         if not isinstance(record.msg, Mapping):
             return
         try:
-            job = getattr(record, "run_id", None)
-            if job != self._job:
-                self._enter_job(job)
+            follow_job(self, record)
             step = getattr(record, "step", None)
             if self._holds(record, step):
                 return  # replayed after a restart; the run has it
@@ -221,16 +219,15 @@ class WandbHandler(logging.Handler):
             return bool(getattr(record, "hparams", False))
         return step <= self._written_through
 
-    def _enter_job(self, job: Any) -> None:
-        """The first record of ``job``: finish the last job's run; this job's run starts at
-        its first row, or resumes after the rows it already holds if the job was seen."""
-        if self._job is _FIRST:  # this handler's first job, or a checkpoint's from before jobs
-            self._job = job
+    def start_job(self, job: str | None, first: logging.LogRecord) -> None:
+        """``first`` is ``job``'s first record: finish the last job's run; this job's run
+        starts at its first row, or resumes after the rows it already holds if the job was
+        seen."""
+        if self.job is _FIRST:  # this handler's first job, or a checkpoint's from before jobs
             if self._resume_id is not None:
                 self._runs.setdefault(_job_key(job), self._resume_id)
             return
         self._finish_run()
-        self._job = job
         self._resume_id = self._runs.get(_job_key(job))
         self._resuming = self._resume_id is not None
         self._written_through = self._logged_through(self._resume_id)
@@ -260,14 +257,14 @@ class WandbHandler(logging.Handler):
             mark = (self._last_step, self._last_offset)
             if not self._marks or self._marks[-1] != mark:
                 self._marks = [*self._marks[-255:], mark]
-        if self._job is _FIRST and self._resume_id is None:
+        if self.job is _FIRST and self._resume_id is None:
             return {}
         # Every key, every time: the runner keeps the last checkpoint's keys not given again.
         state = {"run_id": self._resume_id, "sync_file": self._sync_file, "marks": self._marks}
-        if self._job is _FIRST:
+        if self.job is _FIRST:
             return state
         wandb_dir = None if self._wandb_dir is None else str(self._wandb_dir)
-        return {**state, "job": self._job, "runs": dict(self._runs), "wandb_dir": wandb_dir}
+        return {**state, "job": self.job, "runs": dict(self._runs), "wandb_dir": wandb_dir}
 
     def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> int | None:
         """Resume the crashed run: the same run id (W&B merges its segments when synced), and
@@ -277,7 +274,7 @@ class WandbHandler(logging.Handler):
         if from_start or not state or "run_id" not in state:
             return None
         self._runs = dict(state.get("runs") or {})
-        self._job = state.get("job", _FIRST)
+        self.job = state.get("job", _FIRST)
         if state.get("wandb_dir"):
             self._wandb_dir = Path(state["wandb_dir"])
         run_id = state["run_id"]
@@ -325,7 +322,7 @@ class WandbHandler(logging.Handler):
         super().close()
 
 
-def _job_key(job: Any) -> str:
+def _job_key(job: str | None) -> str:
     return "" if job is None else str(job)
 
 
