@@ -25,12 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-# fsync_directory and the snapshot functions are named here too, for the collector's and
-# the rank side's imports from before they had modules of their own.
-from ranklog.durable import fsync_directory as fsync_directory
-from ranklog.snapshots import latest_snapshot as latest_snapshot
-from ranklog.snapshots import snapshot_path as snapshot_path
-from ranklog.snapshots import write_snapshot as write_snapshot
+from ranklog.durable import fsync_directory
+from ranklog.snapshots import latest_snapshot
 from ranklog.wire import MAX_FRAME_BYTES
 
 STATE_DIR = ".ranklog"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ranklog.collector.receive import receive
 from ranklog.collector.store import Store
-from ranklog.journal import SPILL_SUFFIX, DamageReport, fsync_directory, read_file, spill_path
+from ranklog.durable import fsync_directory
+from ranklog.journal import SPILL_SUFFIX, DamageReport, read_file, spill_path
 
 _log = logging.getLogger(__name__)
 _CHUNK = 4096  # frames per receive step, journal append and fsync

@@ -20,10 +20,8 @@ from ranklog.journal import (
     Journal,
     first_offset,
     journal_path,
-    latest_snapshot,
-    snapshot_path,
-    write_snapshot,
 )
+from ranklog.snapshots import latest_snapshot, snapshot_path, write_snapshot
 from ranklog.wire import GOODBYE
 
 _log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ranklog.journal import SPILL_SUFFIX, fsync_directory, pack_entry
+from ranklog.durable import fsync_directory
+from ranklog.journal import SPILL_SUFFIX, pack_entry
 from ranklog.rank.identity import RankIdentity
 from ranklog.rank.outbox import Item, Pending
 
