@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ranklog.collector.collector import replay, serve
 from ranklog.collector.settings import (
+    JOB_STALL_TIMEOUT_ENV,
     METRICS_PORT_ENV,
     STALL_TIMEOUT_ENV,
     BackendSettings,
@@ -135,6 +136,8 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
         "embedded default passes rank 0's); once it has exited, ranks never heard count as "
         "gone and a rank silent for 10s does too",
     )
+    # The embedded collector's: rank 0's stderr, where its warnings go too (alerts.py).
+    collect.add_argument("--alert-fd", type=int, default=None, help=argparse.SUPPRESS)
     collect.add_argument(
         "--silence-timeout",
         type=float,
@@ -179,6 +182,15 @@ def _add_watch_flags(collect: argparse.ArgumentParser) -> None:
         help=f"seconds a rank that is heard may go without stepping while others step before "
         f"it counts as stalled (rank_stalled); 0 turns it off (default: ${STALL_TIMEOUT_ENV} "
         f"or {ServeSettings.stall_timeout:g})",
+    )
+    collect.add_argument(
+        "--job-stall-timeout",
+        type=float,
+        default=os.environ.get(JOB_STALL_TIMEOUT_ENV, ServeSettings.job_stall_timeout),
+        help=f"the least seconds with every rank heard and none stepping before the job counts "
+        f"as hung (job_stalled); more for a job whose steps or pauses are long (README: "
+        f"watching a job); 0 turns it off (default: ${JOB_STALL_TIMEOUT_ENV} or "
+        f"{ServeSettings.job_stall_timeout:g})",
     )
     collect.add_argument(
         "--metrics-port",
@@ -335,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "top":
         return run_top(args)
     log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
+    alerts = _alerts(args)
     _quiet_gc()
     try:
         return _run(args)
@@ -345,6 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"ranklog {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    finally:
+        if alerts is not None:
+            alerts.close()
+
+
+def _alerts(args: argparse.Namespace) -> logging.Handler | None:
+    """The embedded collector's warnings to rank 0's stderr as well (``--alert-fd``)."""
+    if getattr(args, "alert_fd", None) is None:
+        return None
+    from ranklog.collector.alerts import alert_to
+
+    return alert_to(args.alert_fd, str(Path(args.output_dir) / "ranklog-collector.log"))
 
 
 if __name__ == "__main__":

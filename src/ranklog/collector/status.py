@@ -78,7 +78,7 @@ class Watch:
 
     def __init__(self, store: Store, settings: ServeSettings, now: float) -> None:
         self.store = store
-        self.progress = Progress(store.ranks, settings.stall_timeout)
+        self.progress = Progress(store.ranks, settings.stall_timeout, settings.job_stall_timeout)
         store.ranks.watched.extend(settings.export_metrics[:MAX_WATCHED])
         self.export_metrics = tuple(settings.export_metrics)
         self._next = now
@@ -133,6 +133,8 @@ class Watch:
             "rejected": sum(stats.rejected.counts.values()),
             "leader_step": lead,
             "stall_timeout": self.progress.stall_timeout,
+            # Seconds since the job's last step while it counts as hung (hung.py), else None.
+            "job_stalled_s": self.progress.hung.stalled_for(now),
             "backends": self._backends(),
             "ranks": [_row(peer, lead, now, names) for peer in job.values()],
         }

@@ -1,6 +1,7 @@
 """The embedded collector: global rank 0 starts ``ranklog collect`` for its job and waits
 until it listens, or fails with the collector's own words; it starts it again if it dies
-(rank/supervisor.py)."""
+(rank/supervisor.py). It logs to a file in the output dir; its warnings also go to rank 0's
+stderr (``--alert-fd``)."""
 
 from __future__ import annotations
 
@@ -59,17 +60,24 @@ class EmbeddedCollector:
             raise ConfigError(
                 f"cannot write to the output dir {self.output_dir}: {exc.strerror or exc}"
             ) from None
+        alert_fd = _own_stderr()
         with log_file:
             start = log_file.tell()
+            alerts = [] if alert_fd is None else ["--alert-fd", str(alert_fd)]
             # Its own session: a torchrun tear-down of the worker group must not kill it
             # mid-drain.
-            proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            try:
+                proc = subprocess.Popen(
+                    [*self.command(), *alerts],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=() if alert_fd is None else (alert_fd,),
+                )
+            finally:
+                if alert_fd is not None:
+                    os.close(alert_fd)
         self._wait_until_listening(proc, start)
         return proc
 
@@ -95,6 +103,15 @@ class EmbeddedCollector:
         with open(self.log_path, "rb") as log:
             log.seek(start)
             return log.read()
+
+
+def _own_stderr() -> int | None:
+    """A copy of this process's stderr (the terminal torchrun's user watches), for the
+    collector's warnings; None where there is none."""
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
 
 
 def _reason(log: bytes) -> str:
