@@ -71,8 +71,10 @@ class StatusLine:
 def log_status(stats: CollectorStats, ranks: RankTable, rate: float, notes: str = "") -> None:
     # The rejection counts stay last on the line: scripts (and tests) read them from there.
     _log.info(
-        "%.0f records/s; %d accepted, %d duplicates dropped; %s; %srejected %s",
+        "%.0f records/s; %d accepted in this run (%d in this directory), %d duplicates "
+        "dropped; %s; %srejected %s",
         rate,
+        stats.accepted - stats.before,
         stats.accepted,
         stats.duplicates,
         ranks.status(),

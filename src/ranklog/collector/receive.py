@@ -34,7 +34,8 @@ class CollectorStats:
     """Counters the collector reports in its status line and on exit. ``rejected`` counts
     rejected frames by reason, and logs the first of each reason."""
 
-    accepted: int = 0
+    accepted: int = 0  # in this output dir, over its history
+    before: int = 0  # ... of which before this run (read back from the journal)
     duplicates: int = 0
     rejected: ReportOnce = field(default_factory=lambda: ReportOnce(_log))
 
@@ -54,6 +55,11 @@ class Received:
     # The (route, key) and peer of the frame before: the next frame of a message is most
     # likely from the same rank, which is then known, live and routed already.
     _last: tuple[tuple[bytes, PeerKey] | None, Peer | None] = (None, None)
+
+    @property
+    def records(self) -> int:
+        """The accepted records, not counting goodbyes."""
+        return sum(envelope["kind"] == RECORD for _, envelope, _ in self.accepted)
 
     @property
     def frames(self) -> list[bytes]:

@@ -73,6 +73,7 @@ class Store:
         self._retry_at = 0.0
         try:
             self._recover()
+            self.stats.before = self.stats.accepted
             self.backends = BackendProcess(
                 settings.spec(from_start=from_start, log_level=_log.getEffectiveLevel())
             )
@@ -208,7 +209,12 @@ class Store:
         try:
             clean = self.backends.drain(self.journal.durable_end, self.settings.drain_timeout)
             log_status(self.stats, self.ranks, 0.0)
-            _log.info("%s: %d records accepted", what, self.stats.accepted)
+            _log.info(
+                "%s: %d records accepted in this run (%d in this directory in all)",
+                what,
+                self.stats.accepted - self.stats.before,
+                self.stats.accepted,
+            )
         finally:
             try:
                 self.journal.close()

@@ -59,14 +59,15 @@ def step(sender: Sender, sock: Any) -> bool:
             # Records neither delivered nor spilled are lost: the collector stops waiting.
             base = {} if ending.spilled else {"base": seq}
             ending.goodbye = (seq, sender.control(GOODBYE, seq=seq, spilled=ending.spilled, **base))
-            sender.outbox.put(*ending.goodbye)  # held, like any message not acknowledged
+            # Held, like any message not acknowledged.
+            sender.outbox.put(*ending.goodbye, bounded=False)
         sender.send_last(sock, ending.goodbye[1])
         return True
     if ending.goodbye is None:
         if sender.outbox.pending() == 0:
             seq = sender.next_seq()
             ending.goodbye = (seq, sender.control(GOODBYE, seq=seq, spilled=0))
-            sender.outbox.put(*ending.goodbye)
+            sender.outbox.put(*ending.goodbye, bounded=False)
         return False
     return sender.outbox.pending() == 0
 
@@ -209,7 +210,8 @@ def _report(sender: Sender) -> str | None:
         return None
     rank = sender.identity.rank
     cause = f"got {ending.cause} and " if ending.cause else ""
-    text = f"ranklog: rank {rank} {cause}could not deliver {undelivered} message(s)"
+    what = f"{records} record(s)" if records else "its goodbye"
+    text = f"ranklog: rank {rank} {cause}could not deliver {what}"
     text += f" to {sender.endpoint} ({ending.why or 'is the collector running?'})"
     if records and ending.spill is not None and ending.spill_error is None:
         text += f"; {records} record(s) are spilled to {ending.spill.path}: " + _recovery(
