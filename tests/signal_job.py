@@ -48,13 +48,18 @@ def main() -> int:
         metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
     handler.flush()
     collector = rank_setup._embedded_collector
-    (talk / f"ready{rank}").write_text(str(collector.pid if collector else ""))
+    partial = talk / f".ready{rank}"
+    partial.write_text(str(collector.proc.pid if collector else ""))
+    partial.rename(talk / f"ready{rank}")
     while not (talk / "go").exists():
         time.sleep(0.02)
     for step in range(before, before + burst):
         metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
     held = handler.stats["held"]
-    (talk / f"burst{rank}").write_text(json.dumps({"logged": before + burst, "held": held}))
+    # Written whole, then renamed: the test reads it as soon as the name exists.
+    partial = talk / f".burst{rank}"
+    partial.write_text(json.dumps({"logged": before + burst, "held": held}))
+    partial.rename(talk / f"burst{rank}")
     if spec.get("finish"):
         finish_metric_logger(timeout=120)
         return 0
