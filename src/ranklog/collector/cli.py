@@ -37,7 +37,7 @@ _Settings = TypeVar("_Settings", BackendSettings, ServeSettings)
 
 def _backend_flags() -> argparse.ArgumentParser:
     """Flags that say what the backends are: shared by ``collect`` and ``replay``."""
-    flags = argparse.ArgumentParser(add_help=False)
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     flags.add_argument(
         "--output-dir",
         "--output_dir",
@@ -213,8 +213,16 @@ def _add_watch_flags(collect: argparse.ArgumentParser) -> None:
     )
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each flag's default."""
+class _Help(argparse.HelpFormatter):
+    """``--help`` shows each flag's default once: not where its help says it already, and
+    not where there is none (None, a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False
+        if "default" in text or unset or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _version() -> str:
@@ -231,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="ranklog",
         description="Sidecar metrics collector for distributed training.",
         formatter_class=_Help,
+        allow_abbrev=False,  # --logger-typ is a mistake, not --logger-type
     )
     parser.add_argument("--version", action="version", version=f"ranklog {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[backend_flags],
         help="run the collector",
         formatter_class=_Help,
+        allow_abbrev=False,
         description="Receive every rank's metric records and write them to the backends.",
     )
     _add_serve_flags(collect)
@@ -248,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[backend_flags],
         help="bring backends up to date from the journal",
         formatter_class=_Help,
+        allow_abbrev=False,
         description="Write what the journal holds to backends that lack it: a backend added "
         "later, or one that failed. --from-start rebuilds them completely.",
     )
@@ -260,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
         "keys",
         help="generate a CURVE key pair",
         formatter_class=_Help,
+        allow_abbrev=False,
         description="Write NAME.key (public) and NAME.key_secret into DIR. Give the "
         "collector its secret with --curve-secret and put each rank's public key into the "
         "directory named by --curve-allow.",

@@ -50,7 +50,6 @@ class StatusSocket:
             os.replace(temporary, path)
         except OSError as exc:  # top can still --connect; the address is in the log
             _log.warning("cannot write %s (%s)", path, exc.strerror or exc)
-        _log.info("status for `ranklog top` on %s", self.endpoint)
 
     def serve(self, answer: Any) -> None:
         """Answer the requests that have arrived, without waiting."""
@@ -94,6 +93,8 @@ class Watch:
         except BaseException:
             self._socket.close()
             raise
+        # Once everything is up: a start-up failure's reason is the last line a user reads.
+        _log.info("status for `ranklog top` on %s", self._socket.endpoint)
 
     def tick(self, now: float) -> list[Event]:
         """Once a second, progress and a new snapshot; answer ``ranklog top`` at any time."""

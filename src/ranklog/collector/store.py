@@ -203,11 +203,13 @@ class Store:
         """Let the backends read on to what is durable."""
         self.backends.advance(self.journal.durable_end)
 
-    def close(self, what: str = "collector stopped") -> bool:
-        """Drain the backends (within the drain timeout), report (``what`` ended), close the
-        journal; True if every backend drained and closed."""
+    def close(self, what: str = "collector stopped", *, quiet: bool = False) -> bool:
+        """Drain the backends (within the drain timeout), report (``what`` ended; not with
+        ``quiet``), close the journal; True if every backend drained and closed."""
         try:
             clean = self.backends.drain(self.journal.durable_end, self.settings.drain_timeout)
+            if quiet:
+                return clean
             log_status(self.stats, self.ranks, 0.0)
             _log.info(
                 "%s: %d records accepted in this run (%d in this directory in all)",

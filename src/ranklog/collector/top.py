@@ -31,6 +31,7 @@ def add_top_command(commands: Any, formatter: type[argparse.HelpFormatter]) -> N
         "top",
         help="watch a job live: a row per rank",
         formatter_class=formatter,
+        allow_abbrev=False,
         description="Show every rank's state, step, step rate, lag and straggler scores, "
         "refreshed every second, from the collector serving --output-dir (or --connect).",
     )
