@@ -36,6 +36,8 @@ from ranklog.rank.system import system_interval as system_interval_or_default
 from ranklog.wire import ACK, HEARTBEAT, HELLO
 
 __all__ = ["CurveKeys", "Lock", "Sender", "SenderSettings", "curve_keys"]
+# Waiting on a lone record's ack, the thread still looks at resends this often.
+_LONE_ACK_WAIT_MS = 100
 
 
 def _nothing_converted() -> int:
@@ -276,7 +278,8 @@ class Sender:
         self.resend.heard_at = self.resend.advanced_at = time.monotonic()
         while True:
             in_flight = self.outbox.in_flight()
-            pace = 0 < in_flight < settings.max_in_flight and not self.ending.closing.is_set()
+            # A lone record is not paced: one wake for its ack, not one per poll interval.
+            pace = 1 < in_flight < settings.max_in_flight and not self.ending.closing.is_set()
             ready = dict((paced if pace else poller).poll(wait_ms))
             self.asleep = False
             if monitor in ready:
@@ -301,11 +304,14 @@ class Sender:
             if self.ending.closing.is_set() and closing.step(self, sock):
                 return
             wait_ms = poll_ms
-            if greeted and not self.outbox.in_flight():
+            in_flight = self.outbox.in_flight()
+            if greeted and in_flight <= 1:
                 # Say so first, then look: a record put after the look finds asleep set.
                 self.asleep = True
                 if self.outbox.has_unsent() or self.ending.closing.is_set():
                     self.asleep = False
+                elif in_flight:  # a lone record (training cadence): its ack wakes the thread
+                    wait_ms = _LONE_ACK_WAIT_MS
                 else:
                     wake_at = spoke + beat
                     if self.system is not None:
