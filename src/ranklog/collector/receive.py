@@ -164,6 +164,8 @@ def _heard(
         into.events.append(event("rank_joined", rank=peer.rank, host=peer.host, pid=peer.pid))
     if peer.silent:
         peer.silent = False
+        _log.warning("rank %d (host %s, pid %d) is heard again after its silence",
+                     peer.rank, peer.host, peer.pid)  # fmt: skip
         into.events.append(event("rank_resumed", rank=peer.rank, pid=peer.pid))
     peer.last_seen = now
     peer.live = True
