@@ -90,11 +90,13 @@ class Progress:
         for peer in self.job.values():
             rate = peer.progress.rate
             peer.progress.relative = None if rate is None or best <= 0 else min(1.0, rate / best)
-        events = self._stalls(running, now) if self.stall_timeout > 0 else []
-        for peer in running:
-            if peer.progress.stalled_at is not None:
-                peer.progress.relative = peer.progress.individual = 0.0
-        events += self._stragglers(running)
+        events = []
+        if self.stall_timeout > 0:  # 0 turns off the per-rank warnings: stalls, stragglers
+            events = self._stalls(running, now)
+            for peer in running:
+                if peer.progress.stalled_at is not None:
+                    peer.progress.relative = peer.progress.individual = 0.0
+            events += self._stragglers(running)
         return events + self.hung.check(self.run, self.job, now)
 
     def _stragglers(self, running: list[Peer]) -> list[Event]:
@@ -151,6 +153,8 @@ class Progress:
         cadence = peer.progress
         stalled_for = now - (cadence.stalled_at or now)
         cadence.stalled_at = None
+        # Its window rate still holds the stall: no straggler warning until it caught up.
+        cadence.slow_checks = -1
         _log.warning("rank %d is stepping again (step %s)", peer.rank, cadence.step)
         return event("rank_resumed", rank=peer.rank, pid=peer.pid, step=cadence.step,
                      after_stall=round(stalled_for, 1))  # fmt: skip
