@@ -1,7 +1,8 @@
 """The collector's warnings on the terminal its user watches.
 
 A standalone collector's stderr is that terminal already. The embedded one logs to a file
-in the output dir; rank 0 hands it its own stderr as ``--alert-fd``, and every warning of
+in the output dir; rank 0 hands it a pipe as ``--alert-fd`` and copies what comes out of it
+to its own stderr (rank/embedded.py), and every warning of
 the ``ranklog`` loggers (a stalled, silent or resumed rank, a straggler, a hung job, a
 launch mistake, and whatever warns later) goes there too: one line each, rate-limited per
 kind, so a 256-rank job that dies does not print 256 lines. The log keeps every line.
@@ -90,7 +91,7 @@ class TerminalAlerts(logging.Handler):
         while (line := self._lines.get()) is not None:
             try:
                 os.write(self.fd, line)
-            except OSError:  # the terminal is gone (torchrun ended): the log has it all
+            except OSError:  # rank 0 is gone (EPIPE): the log has every line
                 break
         with contextlib.suppress(OSError):
             os.close(self.fd)
