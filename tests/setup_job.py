@@ -6,6 +6,9 @@ The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``,
 (variables the script itself sets before setup) and ``steps`` (default 20); each rank then
 logs ``{"loss": ...}`` per step, sleeping ``step_delay`` seconds (default 0) after each.
 ``fail_rank``: that rank exits with an error before its setup (a script that fails early).
+``all_reduce``: each step ends in an all_reduce, as a DDP step does. ``sleep``: ``{"step": S,
+"seconds": T, "rank": R}`` sleeps T seconds inside step S before its all_reduce, on rank R
+(every rank where R is absent: an evaluation or a checkpoint save).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 
 from ranklog import finish_metric_logger, setup_metric_logger
@@ -32,7 +36,12 @@ def main() -> int:
     setup_metric_logger(*spec.get("args", []), **spec.get("kwargs", {}))
     metrics = logging.getLogger("instructlab.training.metrics")
     metrics.info({"lr": 0.1}, extra={"hparams": True})
+    sleep = spec.get("sleep", {})
     for step in range(spec.get("steps", 20)):
+        if step == sleep.get("step") and sleep.get("rank", rank) == rank:
+            time.sleep(sleep["seconds"])
+        if spec.get("all_reduce"):
+            dist.all_reduce(torch.ones(1))
         metrics.info(
             {"loss": 1.0 / (step + 1) + rank, **spec.get("also", {})}, extra={"step": step}
         )

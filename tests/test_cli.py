@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +106,42 @@ class TestOneLineErrors:
         out = " ".join(ranklog("collect", "--help").stdout.split())  # however it wraps
         assert "before a rank counts as gone (default: 60.0)" in out
         assert "where backends write (default: logs)" in out
+
+    def test_startup_failure_is_the_one_line(self, tmp_path: Path) -> None:
+        """A port in use: its reason is what a user reads, not closing lines of a
+        collector that never served."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            proc = ranklog("collect", "--output-dir", str(tmp_path), "--bind",
+                           f"tcp://127.0.0.1:{port}")  # fmt: skip
+            self._one_line(proc, 2, f"cannot listen on tcp://127.0.0.1:{port}", "in use")
+            proc = ranklog("collect", "--output-dir", str(tmp_path), "--bind",
+                           "tcp://127.0.0.1:*", "--metrics-port", str(port))  # fmt: skip
+            self._one_line(proc, 2, f"cannot serve /metrics on 127.0.0.1:{port}", "in use")
+
+
+class TestFlagSpelling:
+    """A flag is spelled out: no prefix of it is taken for it."""
+
+    def test_abbreviations_are_errors(self, tmp_path: Path) -> None:
+        for flag, value in (("--logger-typ", "async"), ("--world-siz", "2")):
+            proc = ranklog("collect", "--output-dir", str(tmp_path), flag, value)
+            assert proc.returncode == 2, proc.stderr
+            assert f"unrecognized arguments: {flag}" in proc.stderr, proc.stderr
+        proc = ranklog("top", "--once", "--jso", "--output-dir", str(tmp_path))
+        assert proc.returncode == 2 and "unrecognized arguments: --jso" in proc.stderr
+
+    def test_each_default_shown_once(self) -> None:
+        for command in ("collect", "replay", "top", "keys"):
+            out = " ".join(ranklog(command, "--help").stdout.split())  # however it wraps
+            entries = re.split(r" (?=-{1,2}[a-z][\w-]* [A-Z_]+ |-{1,2}[a-z][\w-]* [a-z(])", out)
+            for entry in entries:
+                assert entry.count("(default") <= 1, entry
+            assert "(default: None)" not in out and "(default: False)" not in out, out
+        out = " ".join(ranklog("collect", "--help").stdout.split())
+        assert "(default: $RANKLOG_STALL_TIMEOUT or 300)" in out
 
 
 class TestSeedFlagAliases:

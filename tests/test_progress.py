@@ -73,6 +73,12 @@ class TestStragglerScores:
         run(peers, progress, 1.5, {0: 0.05, 1: 0.1})
         assert [peer.progress.relative for peer in peers] == [None, None]
 
+    def test_a_straggler_is_warned_about_once(self) -> None:
+        table, peers = job(2)
+        progress = Progress(table, stall_timeout=5)
+        events = run(peers, progress, 20, {0: 0.05, 1: 0.2})
+        assert [(name, fields["rank"]) for name, fields in events] == [("rank_straggling", 1)]
+
     def test_status_line_names_stragglers(self) -> None:
         table, peers = job(2)
         progress = Progress(table, stall_timeout=0)

@@ -69,6 +69,17 @@ class TestReceive:
         assert acked(second) == [(ROUTE, 2)]
         assert second.events == []  # the rank joined once
 
+    def test_a_silent_rank_heard_again_is_said(
+        self, encoder: RecordEncoder, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        ranks, stats = RankTable(), CollectorStats()
+        receive([(ROUTE, [packed(encoder, 1, 0)])], ranks, stats, now=1.0).apply(stats)
+        assert [peer.rank for peer in ranks.newly_silent(70.0, 60.0)] == [0]
+        with caplog.at_level(logging.WARNING, logger="ranklog"):
+            again = receive([(ROUTE, [packed(encoder, 2, 1)])], ranks, stats, now=71.0)
+        assert [name for name, _ in again.events] == ["rank_resumed"]
+        assert "rank 0 (host" in caplog.text and "is heard again" in caplog.text
+
     def test_garbage_is_rejected_with_a_counted_reason(
         self, encoder: RecordEncoder, caplog: pytest.LogCaptureFixture
     ) -> None:

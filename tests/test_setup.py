@@ -210,6 +210,20 @@ class TestCallForms:
         with pytest.raises(ConfigError, match="tensorbord"):
             _plan("async,tensorbord", None, None, _no_options(), None, [])
 
+    def test_a_word_a_typo_away_from_a_backend_fails(self, tmp_path: Path) -> None:
+        """Not silently an output dir named ./asynx: one or two edits from a backend name."""
+        os.chdir(tmp_path)
+        for word, meant in (("asynx", "async"), ("tensorbord", "tensorboard"), ("wandbb", "wandb"),
+                            ("MLflo", "mlflow"), ("asnyc", "async")):  # fmt: skip
+            with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
+                setup_metric_logger(word)
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(ConfigError, match="did you mean 'async' for 'asynx'"):
+            setup_metric_logger("asynx", "run")  # the older form
+        for word in ("logs", "out", "runs", "./asynx"):  # paths, and words far from any name
+            plan = _plan(word, None, None, _no_options(), None, [])
+            assert plan is not None and plan.output_dir == Path(word)
+
     def test_output_dir_given_twice(self) -> None:
         with pytest.raises(ConfigError, match="output dir given twice"):
             _plan("out", None, "other", _no_options(), None, [])

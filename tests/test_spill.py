@@ -4,7 +4,9 @@ collector or ``ranklog replay``, also after a ``kill -9`` of the rank while it c
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from ranklog import ZMQSocketHandler
 from ranklog.journal import pack_entry, read_file, spill_path
 from ranklog.rank.spill import SpillFile, spill_folders
-from tests.conftest import CollectorProcess
+from tests.conftest import CollectorProcess, ranklog, read_jsonl
 from tests.ranks import start_rank
 from tests.test_delivery import assert_exactly_once, free_endpoint, replay, wait_for
 
@@ -144,3 +147,38 @@ def test_exit_waits_only_for_the_spills_of_its_own_ranks(
         assert c.wait(5) == 0, c.log()  # the wait for its own ranks' spills is 10 s
     assert foreign.exists()
     assert_exactly_once(out, 1, 200)
+
+
+class TestExactCounts:
+    """A drop, a spill and an ingest are counted exactly, and "this run" apart from what the
+    output dir held before."""
+
+    def test_drop_spill_ingest(self, tmp_path: Path) -> None:
+        out = tmp_path / "out"
+        spill_path(out).mkdir(parents=True)
+        handler = ZMQSocketHandler(free_endpoint(), rank=0, world_size=1, run_id="counts",
+                                   max_records=1_000, close_timeout=0.5,
+                                   spill_dir=spill_path(out))  # fmt: skip
+        log = logging.getLogger("test.counts")
+        log.addHandler(handler)
+        log.propagate = False
+        log.setLevel(logging.INFO)
+        for step in range(1_500):  # nobody listens: the oldest 500 are dropped
+            log.info({"loss": 0.5}, extra={"step": step})
+        with pytest.warns(RuntimeWarning) as caught:
+            handler.close()
+        said = str(caught[0].message)
+        assert "could not deliver 1000 record(s)" in said, said
+        assert "1000 record(s) are spilled to" in said, said
+        assert "dropped 500 record(s) because its buffer was full" in said, said
+        first = ranklog("replay", "--output-dir", str(out))
+        assert first.returncode == 0, first.stderr
+        assert re.search(r"ingested spill \S+: 1000 records accepted, 0 already", first.stderr)
+        assert "rank-side drops 500," in first.stderr, first.stderr
+        assert "(backends: async): 1000 records accepted in this run (1000 in this directory " \
+            "in all)" in first.stderr, first.stderr  # fmt: skip
+        rows = read_jsonl(out / "training_params_and_metrics_global0.jsonl")
+        assert [row["step"] for row in rows] == list(range(500, 1_500))
+        again = ranklog("replay", "--output-dir", str(out))
+        assert "(backends: async): 0 records accepted in this run (1000 in this directory " \
+            "in all)" in again.stderr, again.stderr  # fmt: skip

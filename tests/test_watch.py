@@ -170,6 +170,40 @@ class TestTopInATerminal:
             proc.kill()
         assert all(second[rank] > first[rank] for rank in (0, 1)), (first, second)
 
+    def test_q_quits(self, collector: Any, tmux: list[str]) -> None:
+        c: CollectorProcess = collector()
+        ranks = [stepping(c.endpoint, 0, 1, 300, "--step-delay", "0.1")]
+        screen = top_in_tmux(tmux, c.output_dir)
+        wait_for(lambda: ROW.search(screen()), 30, "top's table")
+        assert "q quits" in screen()
+        subprocess.run([*tmux, "send-keys", "q"], check=True)
+        wait_for(lambda: "top exited 0" in screen(), 10, "top to exit on q")
+        for proc in ranks:
+            proc.kill()
+
+    def test_says_once_that_its_collector_exited(self, collector: Any, tmux: list[str]) -> None:
+        c: CollectorProcess = collector()
+        ranks = [stepping(c.endpoint, 0, 1, 20, "--step-delay", "0.1")]
+        screen = top_in_tmux(tmux, c.output_dir)
+        wait_for(lambda: ROW.search(screen()), 30, "top's table")
+        finish(ranks)
+        c.terminate(signal.SIGTERM)
+        assert c.wait(60) == 0, c.log()
+        shown = wait_for(lambda: "top exited" in screen() and screen(), 20, "top to exit")
+        assert "top exited 0" in shown, shown
+        assert shown.count(f"the collector serving {c.output_dir} has exited") == 1, shown
+        assert "retrying" not in shown, shown
+
+
+def top_in_tmux(tmux: list[str], output_dir: Path) -> Callable[[], str]:
+    """``ranklog top`` live in a tmux pane that stays after it exits; the pane's text."""
+    command = (f"env -u COLUMNS -u LINES {sys.executable} -m ranklog top --output-dir "
+               f"{output_dir}; echo top exited $?; sleep 60")  # fmt: skip
+    subprocess.run([*tmux, "new-session", "-d", "-x", "200", "-y", "40", "-c", str(REPO),
+                    command], check=True)  # fmt: skip
+    return lambda: subprocess.run([*tmux, "capture-pane", "-p", "-J"], capture_output=True,
+                                  text=True, check=True).stdout  # fmt: skip
+
 
 class TestStalls:
     """A rank that is heard but stops stepping while others step is stalled, then resumes."""
@@ -180,6 +214,10 @@ class TestStalls:
             stepping(c.endpoint, 0, 2, 360, "--step-delay", "0.05"),
             stepping(c.endpoint, 1, 2, 60, "--step-delay", "0.05", "--sleep-at", "40:15"),
         ]
+        row = wait_for(lambda: [r for r in top_json("--output-dir", str(c.output_dir))["ranks"]
+                                if r["state"] == "stalled"], 30, "rank 1 stalled")[0]  # fmt: skip
+        # A stalled rank is not stepping: it scores 0, not "-".
+        assert (row["rank"], row["relative"], row["individual"]) == (1, 0.0, 0.0), row
         finish(ranks)
         c.terminate(signal.SIGTERM)
         assert c.wait(60) == 0, c.log()
@@ -209,7 +247,11 @@ class TestStragglers:
             return scores if len(scores) == 3 and None not in scores.values() else None
 
         scores = wait_for(scored, 30, "straggler scores")
+        # Said once, as a warning (on the user's terminal: test_alerts.py).
+        wait_for(lambda: "is a straggler" in c.log(), 10, "the straggler warning")
         finish(ranks)
+        stragglers = re.findall(r"WARNING rank (\d+) \(host .* is a straggler", c.log())
+        assert stragglers == ["2"], c.log()
         assert scores[2] == pytest.approx(0.5, abs=0.1), scores
         assert scores[0] > 0.9 and scores[1] > 0.9, scores
 

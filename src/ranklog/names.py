@@ -28,11 +28,33 @@ def parse_logger_types(loggers: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [name.strip() for name in names if name.strip()]
     unknown = [name for name in names if name not in BACKEND_NAMES]
     if unknown:
+        hints = [f"{near!r} for {name!r}" for name in unknown if (near := near_backend(name))]
+        meant = f" (did you mean {', '.join(hints)}?)" if hints else ""
         raise ConfigError(
             f"unknown logger type(s) {', '.join(unknown)}; expected some of "
-            f"{', '.join(BACKEND_NAMES)}"
+            f"{', '.join(BACKEND_NAMES)}{meant}"
         )
     return names
+
+
+def near_backend(word: str) -> str | None:
+    """The backend name ``word`` is one or two edits away from (a typo), if any.
+
+    >>> near_backend("asynx"), near_backend("tensorbord"), near_backend("logs")
+    ('async', 'tensorboard', None)
+    """
+    distance, name = min((_edits(word.lower(), name), name) for name in BACKEND_NAMES)
+    return name if 0 < distance <= 2 else None
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions from ``a`` to ``b``."""
+    row = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (char != other))
+    return row[-1]
 
 
 def parse_policy_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:

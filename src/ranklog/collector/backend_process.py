@@ -20,6 +20,9 @@ from ranklog.pipe import BackendSpec, announcement
 
 _log = logging.getLogger(__name__)
 _EXIT_GRACE = 10.0  # beyond the drain bound: W&B's bounded teardown, interpreter exit
+# Seconds between announcements: records arriving one by one (ranks out of step) wake
+# the backends' process once per this, not once each; the drain announces the last end.
+ANNOUNCE_EVERY = 0.25
 
 
 class BackendProcess:
@@ -51,6 +54,7 @@ class BackendProcess:
         self.names: list[str] = ready["backends"]
         self._lost = False
         self._announced = -1
+        self._announce_at = 0.0
         # Announcements never block the receive loop: one that does not fit in the pipe is
         # left for the next call, which carries the latest end.
         os.set_blocking(self._stdin.fileno(), False)
@@ -58,7 +62,8 @@ class BackendProcess:
     def advance(self, durable_end: int) -> None:
         """Tell the backends the journal is durable up to ``durable_end`` (cheap to call
         again with the same end: only news is written)."""
-        if durable_end <= self._announced:
+        now = time.monotonic()
+        if durable_end <= self._announced or now < self._announce_at:
             return
         try:
             os.write(self._stdin.fileno(), announcement(durable_end))
@@ -67,6 +72,7 @@ class BackendProcess:
         except OSError:
             self._report_lost()
         self._announced = durable_end
+        self._announce_at = now + ANNOUNCE_EVERY
 
     def _report_lost(self) -> None:
         if not self._lost:

@@ -24,7 +24,7 @@ class Cadence:
     """
 
     __slots__ = ("advanced_at", "best", "individual", "rate", "relative", "samples",
-                 "stalled_at", "step", "time", "values", "watched")  # fmt: skip
+                 "slow_checks", "stalled_at", "step", "time", "values", "watched")  # fmt: skip
 
     def __init__(self) -> None:
         self.step: int | None = None
@@ -38,6 +38,7 @@ class Cadence:
         self.relative: float | None = None
         self.individual: float | None = None
         self.stalled_at: float | None = None
+        self.slow_checks = 0  # checks in a row as a straggler; -1 once said
 
     def record(self, envelope: dict[str, Any], seen_at: float) -> None:
         """One accepted record, received at ``seen_at`` (collector clock)."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ranklog.collector.collector import replay, serve
 from ranklog.collector.settings import (
+    JOB_STALL_TIMEOUT_ENV,
     METRICS_PORT_ENV,
     STALL_TIMEOUT_ENV,
     BackendSettings,
@@ -36,7 +37,7 @@ _Settings = TypeVar("_Settings", BackendSettings, ServeSettings)
 
 def _backend_flags() -> argparse.ArgumentParser:
     """Flags that say what the backends are: shared by ``collect`` and ``replay``."""
-    flags = argparse.ArgumentParser(add_help=False)
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     flags.add_argument(
         "--output-dir",
         "--output_dir",
@@ -135,6 +136,8 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
         "embedded default passes rank 0's); once it has exited, ranks never heard count as "
         "gone and a rank silent for 10s does too",
     )
+    # The embedded collector's: rank 0's stderr, where its warnings go too (alerts.py).
+    collect.add_argument("--alert-fd", type=int, default=None, help=argparse.SUPPRESS)
     collect.add_argument(
         "--silence-timeout",
         type=float,
@@ -181,6 +184,15 @@ def _add_watch_flags(collect: argparse.ArgumentParser) -> None:
         f"or {ServeSettings.stall_timeout:g})",
     )
     collect.add_argument(
+        "--job-stall-timeout",
+        type=float,
+        default=os.environ.get(JOB_STALL_TIMEOUT_ENV, ServeSettings.job_stall_timeout),
+        help=f"the least seconds with every rank heard and none stepping before the job counts "
+        f"as hung (job_stalled); more for a job whose steps or pauses are long (README: "
+        f"watching a job); 0 turns it off (default: ${JOB_STALL_TIMEOUT_ENV} or "
+        f"{ServeSettings.job_stall_timeout:g})",
+    )
+    collect.add_argument(
         "--metrics-port",
         type=int,
         default=os.environ.get(METRICS_PORT_ENV, ServeSettings.metrics_port),
@@ -201,8 +213,16 @@ def _add_watch_flags(collect: argparse.ArgumentParser) -> None:
     )
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each flag's default."""
+class _Help(argparse.HelpFormatter):
+    """``--help`` shows each flag's default once: not where its help says it already, and
+    not where there is none (None, a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False
+        if "default" in text or unset or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _version() -> str:
@@ -219,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="ranklog",
         description="Sidecar metrics collector for distributed training.",
         formatter_class=_Help,
+        allow_abbrev=False,  # --logger-typ is a mistake, not --logger-type
     )
     parser.add_argument("--version", action="version", version=f"ranklog {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[backend_flags],
         help="run the collector",
         formatter_class=_Help,
+        allow_abbrev=False,
         description="Receive every rank's metric records and write them to the backends.",
     )
     _add_serve_flags(collect)
@@ -236,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[backend_flags],
         help="bring backends up to date from the journal",
         formatter_class=_Help,
+        allow_abbrev=False,
         description="Write what the journal holds to backends that lack it: a backend added "
         "later, or one that failed. --from-start rebuilds them completely.",
     )
@@ -248,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
         "keys",
         help="generate a CURVE key pair",
         formatter_class=_Help,
+        allow_abbrev=False,
         description="Write NAME.key (public) and NAME.key_secret into DIR. Give the "
         "collector its secret with --curve-secret and put each rank's public key into the "
         "directory named by --curve-allow.",
@@ -335,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "top":
         return run_top(args)
     log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
+    alerts = _alerts(args)
     _quiet_gc()
     try:
         return _run(args)
@@ -345,6 +370,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"ranklog {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    finally:
+        if alerts is not None:
+            alerts.close()
+
+
+def _alerts(args: argparse.Namespace) -> logging.Handler | None:
+    """The embedded collector's warnings to rank 0's stderr as well (``--alert-fd``)."""
+    if getattr(args, "alert_fd", None) is None:
+        return None
+    from ranklog.collector.alerts import alert_to
+
+    return alert_to(args.alert_fd, str(Path(args.output_dir) / "ranklog-collector.log"))
 
 
 if __name__ == "__main__":

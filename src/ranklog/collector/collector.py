@@ -54,10 +54,12 @@ def serve(
             output_dir,
             job,
         )
+    listening = False
     try:
         ingest_spills(store, time.monotonic())  # before listening: what ranks left last time
         with Router(settings) as router:
             watch = Watch(store, settings, time.monotonic())
+            listening = True
             try:
                 _log.info(
                     "ranklog collector listening on %s (backends: %s, output: %s)",
@@ -77,8 +79,9 @@ def serve(
             finally:
                 watch.close()
     finally:
-        # Also when listening failed: the backends' process must not outlive the loop.
-        clean = store.close()
+        # Also when listening failed: the backends' process must not outlive the loop. Then
+        # no closing lines: the reason (raised) is the last line a user reads.
+        clean = store.close(quiet=not listening)
         ownership.release(output_dir)
     return 0 if clean else 1
 

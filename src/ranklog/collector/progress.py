@@ -10,7 +10,12 @@ Step rates: :class:`~ranklog.collector.cadence.Cadence`.
   twice as slow as the fastest scores 0.5);
 - individual score: the rank's rate / its own best rate over the run.
 
-Both lie in [0, 1]; None until a rank has stepped for a few seconds.
+Both lie in [0, 1]; None until a rank has stepped for a few seconds. A stalled rank scores
+0 on both: it is not stepping (its rate over the window would still show its past).
+A rank whose relative score stays under :data:`STRAGGLER` for :data:`STRAGGLER_CHECKS`
+checks is warned about once (``rank_straggling``), again only after it caught up.
+
+A hung job (no rank stepping): :mod:`ranklog.collector.hung`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ranklog.collector.events import Event, event
+from ranklog.collector.hung import JobStall
 
 if TYPE_CHECKING:
     from ranklog.collector.peers import Peer, RankTable
 
 _log = logging.getLogger(__name__)
 MAX_WATCHED = 32  # metric names whose latest value is kept per rank
+STRAGGLER = 0.8  # relative score under which a rank is a straggler
+STRAGGLER_CHECKS = 5  # consecutive checks (seconds) under it before it is said
+_CAUGHT_UP = 0.9  # relative score at which a straggler counts as caught up
 
 
 def current_job(ranks: Iterable[Peer]) -> tuple[str | None, dict[int, Peer]]:
@@ -60,9 +69,12 @@ class Progress:
     ``rank_resumed``. ``stall_timeout`` 0 turns this off.
     """
 
-    def __init__(self, ranks: RankTable, stall_timeout: float) -> None:
+    def __init__(
+        self, ranks: RankTable, stall_timeout: float, job_stall_timeout: float = 0.0
+    ) -> None:
         self.ranks = ranks
         self.stall_timeout = stall_timeout
+        self.hung = JobStall(job_stall_timeout)
         self.run: str | None = None
         self.job: dict[int, Peer] = {}
 
@@ -78,7 +90,36 @@ class Progress:
         for peer in self.job.values():
             rate = peer.progress.rate
             peer.progress.relative = None if rate is None or best <= 0 else min(1.0, rate / best)
-        return self._stalls(running, now) if self.stall_timeout > 0 else []
+        events = []
+        if self.stall_timeout > 0:  # 0 turns off the per-rank warnings: stalls, stragglers
+            events = self._stalls(running, now)
+            for peer in running:
+                if peer.progress.stalled_at is not None:
+                    peer.progress.relative = peer.progress.individual = 0.0
+            events += self._stragglers(running)
+        return events + self.hung.check(self.run, self.job, now)
+
+    def _stragglers(self, running: list[Peer]) -> list[Event]:
+        """A warning for each rank that has just fallen behind for good."""
+        events = []
+        for peer in running:
+            cadence, score = peer.progress, peer.progress.relative
+            if score is None or peer.silent or cadence.stalled_at is not None:
+                continue
+            if score >= _CAUGHT_UP:
+                cadence.slow_checks = 0
+            elif score < STRAGGLER and cadence.slow_checks >= 0:
+                cadence.slow_checks += 1
+                if cadence.slow_checks >= STRAGGLER_CHECKS:
+                    cadence.slow_checks = -1  # said; again once it caught up
+                    _log.warning(
+                        "rank %d (host %s, pid %d) is a straggler: it steps at %.2f of the "
+                        "best rank's rate (%.3g steps/s)",
+                        peer.rank, peer.host, peer.pid, score, cadence.rate or 0.0,
+                    )  # fmt: skip
+                    events.append(event("rank_straggling", rank=peer.rank, pid=peer.pid,
+                                        relative=round(score, 3), step=cadence.step))  # fmt: skip
+        return events
 
     def _stalls(self, running: list[Peer], now: float) -> list[Event]:
         # A stalled rank that stepped again, up to its goodbye, resumed.
@@ -112,6 +153,8 @@ class Progress:
         cadence = peer.progress
         stalled_for = now - (cadence.stalled_at or now)
         cadence.stalled_at = None
+        # Its window rate still holds the stall: no straggler warning until it caught up.
+        cadence.slow_checks = -1
         _log.warning("rank %d is stepping again (step %s)", peer.rank, cadence.step)
         return event("rank_resumed", rank=peer.rank, pid=peer.pid, step=cadence.step,
                      after_stall=round(stalled_for, 1))  # fmt: skip

@@ -46,6 +46,11 @@ class Received:
     _last: tuple[tuple[bytes, PeerKey] | None, Peer | None] = (None, None)
 
     @property
+    def records(self) -> int:
+        """The accepted records, not counting goodbyes."""
+        return sum(envelope["kind"] == RECORD for _, envelope, _ in self.accepted)
+
+    @property
     def frames(self) -> list[bytes]:
         """The frames to journal, in order."""
         return [frame for _, _, frame in self.accepted]
@@ -144,6 +149,8 @@ def _heard(
         ranks.heard(key)
     if peer.silent:
         peer.silent = False
+        _log.warning("rank %d (host %s, pid %d) is heard again after its silence",
+                     peer.rank, peer.host, peer.pid)  # fmt: skip
         into.events.append(event("rank_resumed", rank=peer.rank, pid=peer.pid))
     peer.last_seen = now
     peer.live = True

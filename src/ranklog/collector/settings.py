@@ -28,6 +28,7 @@ from ranklog.pipe import BackendSpec
 # Defaults of ``ranklog collect``'s flags, so the embedded collector (started by
 # setup_metric_logger) takes them from the ranks' environment.
 STALL_TIMEOUT_ENV = "RANKLOG_STALL_TIMEOUT"
+JOB_STALL_TIMEOUT_ENV = "RANKLOG_JOB_STALL_TIMEOUT"
 METRICS_PORT_ENV = "RANKLOG_METRICS_PORT"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -136,6 +137,9 @@ class ServeSettings:
     # Seconds a heard rank may go without stepping while others step before it counts as
     # stalled (``rank_stalled``); 0 turns this off.
     stall_timeout: float = 300.0
+    # The least seconds without any rank stepping, every rank heard, before the job counts
+    # as hung (``job_stalled``; collector/hung.py has the whole rule); 0 turns this off.
+    job_stall_timeout: float = 120.0
     metrics_port: int | None = None  # a Prometheus endpoint (/metrics) on this port
     metrics_host: str = "127.0.0.1"
     # User metrics whose latest value /metrics exports (``ranklog_metric{name, rank}``).
@@ -156,8 +160,9 @@ class ServeSettings:
                 "allow_remote=True (--allow-remote) to allow it"
             )
         object.__setattr__(self, "export_metrics", tuple(self.export_metrics or ()))
-        if self.stall_timeout < 0:
-            raise ConfigError(f"stall_timeout must be 0 (off) or more, got {self.stall_timeout}")
+        for name in ("stall_timeout", "job_stall_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
         if self.exit_when_done and not self.backends.world_size:
             raise ConfigError("exit_when_done needs world_size: how many ranks to wait for")
 

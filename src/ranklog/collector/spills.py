@@ -93,7 +93,7 @@ def _ingest(store: Store, path: Path, now: float) -> int | None:
             if not store.commit(received, now):
                 _log.warning("spill %s: the journal cannot take it now; trying later", path)
                 return None
-            accepted += len(received.accepted)
+            accepted += received.records
     finally:
         for peer in store.ranks:
             peer.live = live.get(id(peer), False)

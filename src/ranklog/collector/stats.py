@@ -22,7 +22,8 @@ class CollectorStats:
     """Counters the collector reports in its status line and on exit. ``rejected`` counts
     rejected frames by reason, and logs the first of each reason."""
 
-    accepted: int = 0
+    accepted: int = 0  # in this output dir, over its history
+    before: int = 0  # ... of which before this run (read back from the journal)
     duplicates: int = 0
     rejected: ReportOnce = field(default_factory=lambda: ReportOnce(_log))
     joins: Joins = field(default_factory=Joins)
@@ -52,8 +53,10 @@ class StatusLine:
 def log_status(stats: CollectorStats, ranks: RankTable, rate: float, notes: str = "") -> None:
     # The rejection counts stay last on the line: scripts (and tests) read them from there.
     _status_log.info(
-        "%.0f records/s; %d accepted, %d duplicates dropped; %s; %srejected %s",
+        "%.0f records/s; %d accepted in this run (%d in this directory), %d duplicates "
+        "dropped; %s; %srejected %s",
         rate,
+        stats.accepted - stats.before,
         stats.accepted,
         stats.duplicates,
         ranks.status(),

@@ -51,7 +51,6 @@ class StatusSocket:
             os.replace(temporary, path)
         except OSError as exc:  # top can still --connect; the address is in the log
             _log.warning("cannot write %s (%s)", path, exc.strerror or exc)
-        _log.info("status for `ranklog top` on %s", self.endpoint)
 
     def serve(self, answer: Any) -> None:
         """Answer the requests that have arrived, without waiting."""
@@ -79,7 +78,7 @@ class Watch:
 
     def __init__(self, store: Store, settings: ServeSettings, now: float) -> None:
         self.store = store
-        self.progress = Progress(store.ranks, settings.stall_timeout)
+        self.progress = Progress(store.ranks, settings.stall_timeout, settings.job_stall_timeout)
         store.ranks.watched.extend(settings.export_metrics[:MAX_WATCHED])
         self.export_metrics = tuple(settings.export_metrics)
         self._next = now
@@ -95,6 +94,8 @@ class Watch:
         except BaseException:
             self._socket.close()
             raise
+        # Once everything is up: a start-up failure's reason is the last line a user reads.
+        _log.info("status for `ranklog top` on %s", self._socket.endpoint)
 
     def tick(self, now: float) -> list[Event]:
         """Once a second, progress and a new snapshot; answer ``ranklog top`` at any time."""
@@ -134,6 +135,8 @@ class Watch:
             "rejected": sum(stats.rejected.counts.values()),
             "leader_step": lead,
             "stall_timeout": self.progress.stall_timeout,
+            # Seconds since the job's last step while it counts as hung (hung.py), else None.
+            "job_stalled_s": self.progress.hung.stalled_for(now),
             "backends": self._backends(),
             "ranks": [_row(peer, lead, now, names) for peer in job.values()],
         }

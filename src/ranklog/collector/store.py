@@ -72,6 +72,7 @@ class Store:
         self._retry_at = 0.0
         try:
             self._recover()
+            self.stats.before = self.stats.accepted
             self.backends = BackendProcess(
                 settings.spec(from_start=from_start, log_level=_log.getEffectiveLevel())
             )
@@ -201,13 +202,20 @@ class Store:
         """Let the backends read on to what is durable."""
         self.backends.advance(self.journal.durable_end)
 
-    def close(self, what: str = "collector stopped") -> bool:
-        """Drain the backends (within the drain timeout), report (``what`` ended), close the
-        journal; True if every backend drained and closed."""
+    def close(self, what: str = "collector stopped", *, quiet: bool = False) -> bool:
+        """Drain the backends (within the drain timeout), report (``what`` ended; not with
+        ``quiet``), close the journal; True if every backend drained and closed."""
         try:
             clean = self.backends.drain(self.journal.durable_end, self.settings.drain_timeout)
+            if quiet:
+                return clean
             log_status(self.stats, self.ranks, 0.0)
-            _log.info("%s: %d records accepted", what, self.stats.accepted)
+            _log.info(
+                "%s: %d records accepted in this run (%d in this directory in all)",
+                what,
+                self.stats.accepted - self.stats.before,
+                self.stats.accepted,
+            )
         finally:
             try:
                 self.journal.close()

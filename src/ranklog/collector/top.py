@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ def add_top_command(commands: Any, formatter: type[argparse.HelpFormatter]) -> N
         "top",
         help="watch a job live: a row per rank",
         formatter_class=formatter,
+        allow_abbrev=False,
         description="Show every rank's state, step, step rate, lag and straggler scores, "
         "refreshed every second, from the collector serving --output-dir (or --connect).",
     )
@@ -104,11 +107,15 @@ def render(snapshot: dict[str, Any], metrics: list[str]) -> Any:
     from rich.text import Text
 
     backends = ", ".join(f"{b['name']} {_bytes(b['lag_bytes'])}" for b in snapshot["backends"])
-    title = (
+    title = Text(
         f"job {snapshot['run'] or '-'} | {snapshot['records_per_s']:.0f} records/s, "
         f"{snapshot['records_total']} in all | leader step {_text(snapshot['leader_step'])} | "
         f"backends' lag: {backends or '-'}"
     )
+    if snapshot.get("job_stalled_s") is not None:
+        title.append(" | ")
+        title.append(f"JOB STALLED: no rank stepped for {snapshot['job_stalled_s']:.0f}s",
+                     style="bold red")  # fmt: skip
     table = Table(expand=False)
     for column in ("rank", "host", "state", "step", "steps/s", "lag", "relative",
                    "individual", *metrics, "dropped", "resent"):  # fmt: skip
@@ -122,7 +129,7 @@ def render(snapshot: dict[str, Any], metrics: list[str]) -> Any:
             *(_text(row["metrics"].get(name), ".4g") for name in metrics),
             str(row["dropped"]), str(row.get("resent", 0)),
         )  # fmt: skip
-    return Group(Text(title), table)
+    return Group(title, table)
 
 
 def _text(value: Any, spec: str = "") -> str:
@@ -142,7 +149,8 @@ def _bytes(size: int) -> str:
 
 
 def run_top(args: argparse.Namespace) -> int:
-    """``ranklog top``: 0 on Ctrl-C (or after ``--once``); 2 when ``--once`` gets no answer."""
+    """``ranklog top``: 0 on ``q``, Ctrl-C, once its collector exited (said in one line), or
+    after ``--once``; 2 when ``--once`` gets no answer."""
     once = args.once or args.json
     try:
         # Live, a collector that is still starting (or restarting) is waited for.
@@ -172,19 +180,81 @@ def _once(client: StatusClient, args: argparse.Namespace) -> int:
 
 
 def _live(client: StatusClient, args: argparse.Namespace) -> int:
+    from rich.console import Group
     from rich.live import Live
     from rich.text import Text
 
-    with Live(Text("asking the collector..."), auto_refresh=False) as live:
+    answered, gone = False, ""
+    hint = Text("q quits", style="dim")
+    with _Keys() as keys, Live(Text("asking the collector..."), auto_refresh=False) as live:
         while True:
             try:
                 shown = render(client.ask(args.metric), args.metric)
+                answered = True
             except ConfigError as exc:
                 shown = Text(f"{exc}; retrying", style="bold red")
                 if not args.connect:  # a restarted collector listens elsewhere
-                    client.endpoint = _find(Path(args.output_dir), client.endpoint)
-            live.update(shown, refresh=True)
-            time.sleep(args.interval)
+                    before, client.endpoint = client.endpoint, _find(Path(args.output_dir), "")
+                    gone = _exited(Path(args.output_dir), before) if answered else ""
+                    if gone:
+                        live.update(Text(""), refresh=True)
+                        break
+            live.update(Group(shown, hint), refresh=True)
+            if keys.quit_within(args.interval):
+                return 0
+    print(f"ranklog top: {gone}")
+    return 0
+
+
+def _exited(output_dir: Path, endpoint: str) -> str:
+    """Why the collector that answered at ``endpoint`` is gone for good ('' if it may
+    come back: it still runs, or another one serves the dir now)."""
+    path = output_dir / STATUS_FILE
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):  # removed as it exited
+        return f"the collector serving {output_dir} has exited"
+    if status.get("endpoint") != endpoint:
+        return ""
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return f"the collector serving {output_dir} (pid {status['pid']}) has exited"
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    return ""
+
+
+class _Keys:
+    """Single key presses on a terminal (``q`` quits), read without waiting for Enter."""
+
+    def __enter__(self) -> _Keys:
+        self._saved: list[Any] | None = None
+        if sys.stdin.isatty():
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(sys.stdin)
+            tty.setcbreak(sys.stdin)  # Ctrl-C still interrupts
+        return self
+
+    def quit_within(self, seconds: float) -> bool:
+        """Wait ``seconds`` for ``q``; True if it was pressed."""
+        if self._saved is None:
+            time.sleep(seconds)
+            return False
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            pressed = select.select([sys.stdin], [], [], left)[0]
+            if pressed and os.read(sys.stdin.fileno(), 1) in (b"q", b"Q"):
+                return True
+        return False
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self._saved)
 
 
 def _find(output_dir: Path, otherwise: str | None) -> str:

@@ -1,12 +1,14 @@
 """The embedded collector: global rank 0 starts ``ranklog collect`` for its job and waits
 until it listens, or fails with the collector's own words; it starts it again if it dies
-(rank/supervisor.py)."""
+(rank/supervisor.py). It logs to a file in the output dir; its warnings also reach rank 0's
+stderr (``--alert-fd``, a pipe rank 0 relays)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,17 +61,26 @@ class EmbeddedCollector:
             raise ConfigError(
                 f"cannot write to the output dir {self.output_dir}: {exc.strerror or exc}"
             ) from None
+        alerts_in, alerts_out = os.pipe()
         with log_file:
             start = log_file.tell()
             # Its own session: a torchrun tear-down of the worker group must not kill it
             # mid-drain.
-            proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            try:
+                proc = subprocess.Popen(
+                    [*self.command(), "--alert-fd", str(alerts_out)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=(alerts_out,),
+                )
+            except BaseException:
+                os.close(alerts_in)
+                raise
+            finally:
+                os.close(alerts_out)
+        _relay_alerts(alerts_in)
         self._wait_until_listening(proc, start)
         return proc
 
@@ -95,6 +106,24 @@ class EmbeddedCollector:
         with open(self.log_path, "rb") as log:
             log.seek(start)
             return log.read()
+
+
+def _relay_alerts(fd: int) -> None:
+    """Copy the collector's warning lines from the pipe ``fd`` to this process's stderr
+    (the torchrun job's output), on a daemon thread that blocks in ``read`` until one
+    comes. The collector never holds that stderr itself: a pipeline reading the job's
+    output (``| tee``, a CI runner) ends with the job, not with the collector's drain."""
+
+    def relay() -> None:
+        with open(fd, "rb", buffering=0) as alerts:
+            for line in alerts:  # ends when the collector exits
+                try:
+                    sys.stderr.write(line.decode(errors="replace"))
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # stderr closed: the log has every line
+                    return
+
+    threading.Thread(target=relay, name="ranklog-collector-alerts", daemon=True).start()
 
 
 def _reason(log: bytes) -> str:

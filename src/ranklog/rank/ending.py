@@ -48,13 +48,15 @@ def ending_step(
             # Records neither delivered nor spilled are lost: the collector stops waiting.
             base = {} if ending.spilled else {"base": seq}
             ending.goodbye = (seq, control(GOODBYE, seq=seq, spilled=ending.spilled, **base))
-            outbox.put(*ending.goodbye)  # held, like any message not acknowledged
+            # Held, like any message not acknowledged; unbounded: it must not push out
+            # (and count as dropped) a record already spilled.
+            outbox.put(*ending.goodbye, bounded=False)
         return True, ending.goodbye[1]
     if ending.goodbye is None:
         if outbox.pending() == 0:
             seq = next_seq()
             ending.goodbye = (seq, control(GOODBYE, seq=seq, spilled=0))
-            outbox.put(*ending.goodbye)
+            outbox.put(*ending.goodbye, bounded=False)
         return False, None
     return outbox.pending() == 0, None
 
@@ -64,15 +66,15 @@ def undelivered_line(
     endpoint: str,
     ending: Ending,
     *,
-    undelivered: int,
     records: int,
     dropped: int,
     spill_dir: str | os.PathLike[str] | None,
 ) -> str:
-    """The warning for ``undelivered`` messages (``records`` of them records) and
-    ``dropped`` records; ``ending`` says why, and where they were spilled."""
+    """The warning for what was not delivered (``records`` records, else only the goodbye)
+    and ``dropped`` records; ``ending`` says why, and where they were spilled."""
     cause = f"got {ending.cause} and " if ending.cause else ""
-    text = f"ranklog: rank {rank} {cause}could not deliver {undelivered} message(s)"
+    what = f"{records} record(s)" if records else "its goodbye"
+    text = f"ranklog: rank {rank} {cause}could not deliver {what}"
     text += f" to {endpoint} ({ending.why or 'is the collector running?'})"
     if records and ending.spill is not None and ending.spill_error is None:
         where = recovery(ending.spill.path, spill_dir, ending.spill_fallback)

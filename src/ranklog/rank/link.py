@@ -30,6 +30,9 @@ from ranklog.rank.system import SystemSampler, system_metrics_wanted
 from ranklog.rank.system import system_interval as system_interval_or_default
 from ranklog.wire import ACK, HEARTBEAT, HELLO
 
+# Waiting on a lone record's ack, the thread still looks at resends this often.
+_LONE_ACK_WAIT_MS = 100
+
 
 class Link:
     """The thread that delivers ``outbox`` for ``identity`` as ``config`` says.
@@ -167,7 +170,8 @@ class Link:
         self.resend.heard_at = self.resend.advanced_at = time.monotonic()
         while True:
             in_flight = self.outbox.in_flight()
-            pace = 0 < in_flight < settings.max_in_flight and not self.ending.closing.is_set()
+            # A lone record is not paced: one wake for its ack, not one per poll interval.
+            pace = 1 < in_flight < settings.max_in_flight and not self.ending.closing.is_set()
             ready = dict((paced if pace else poller).poll(wait_ms))
             self.asleep = False
             if monitor in ready:
@@ -203,13 +207,16 @@ class Link:
     def _idle_wait(self, poll_ms: int, beat_at: float) -> int:
         """How long to wait in the next poll: one poll interval, or (nothing in flight,
         nothing to send) until the next heartbeat or system sample, asleep."""
-        if self.outbox.in_flight():
+        in_flight = self.outbox.in_flight()
+        if in_flight > 1:
             return poll_ms
         # Say so first, then look: a record put after the look finds asleep set.
         self.asleep = True
         if self.outbox.has_unsent() or self.ending.closing.is_set():
             self.asleep = False
             return poll_ms
+        if in_flight:  # a lone record (training cadence): its ack wakes the thread
+            return _LONE_ACK_WAIT_MS
         wake_at = beat_at if self.system is None else min(beat_at, self.system.next_at)
         return max(poll_ms, int((wake_at - time.monotonic()) * 1000) + 1)
 

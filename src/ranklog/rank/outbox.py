@@ -60,15 +60,16 @@ class Outbox:
         self._nbytes = 0
         self._next_seq = 1
 
-    def put(self, seq: int, data: bytes | Pending) -> None:
-        """Add a record; evict the oldest ones while over a bound."""
+    def put(self, seq: int, data: bytes | Pending, *, bounded: bool = True) -> None:
+        """Add a record; evict the oldest ones while over a bound. A goodbye is put
+        unbounded: it must not push out (and count as dropped) a record already spilled."""
         size = len(data) if isinstance(data, bytes) else data.nbytes
         with self._lock:
             self._unsent.append((seq, data))
             self._nbytes += size
             if seq >= self._next_seq:
                 self._next_seq = seq + 1
-            if (
+            if bounded and (
                 self._nbytes > self.max_bytes
                 or len(self._unsent) + len(self._inflight) > self.max_records
             ):

@@ -270,7 +270,6 @@ class Sender:
             self.identity.rank,
             self.endpoint,
             ending,
-            undelivered=undelivered,
             records=len(self._records_held()),
             dropped=dropped,
             spill_dir=self.config.spill_dir,

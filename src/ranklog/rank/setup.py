@@ -6,6 +6,7 @@ import difflib
 import inspect
 import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from ranklog.names import (
     BACKEND_OPTIONS,
     check_run_name,
     format_policy_spec,
+    near_backend,
     parse_logger_types,
     parse_policy_spec,
 )
@@ -239,6 +241,7 @@ def _plan(
         loggers = parse_logger_types(first)  # type: ignore[arg-type]
     else:
         path = cast("str | os.PathLike[str] | None", first)  # not a list of backends
+        _check_not_a_typo(path)
         if path is not None and output_dir is not None:
             raise ConfigError(f"output dir given twice: {path!r} and output_dir={output_dir!r}")
         today = path is not None or any(value is not None for value in options.values())
@@ -256,6 +259,19 @@ def _plan(
             f"({', '.join(loggers)})"
         )
     return _Plan(loggers, run_name, Path(output_dir or "logs"), options, policies, list(extra_args))
+
+
+def _check_not_a_typo(path: object) -> None:
+    """A single word a typo away from a backend name (``"asynx"``) was meant as one; an
+    output dir of that name would be made silently. A path (``"./asynx"``, a ``Path``)
+    or ``output_dir="asynx"`` says it is a folder."""
+    if isinstance(path, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", path):
+        near = near_backend(path)
+        if near is not None:
+            raise ConfigError(
+                f"setup_metric_logger({path!r}): not a backend name; did you mean {near!r}? "
+                f"(for an output dir of that name pass './{path}' or output_dir={path!r})"
+            )
 
 
 def _is_backend_list(first: object) -> bool:

@@ -1,0 +1,46 @@
+"""The collector's warnings on the terminal the user watches: the embedded collector's reach
+the torchrun job's own output (rank 0's stderr), one line each, rate-limited."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from ranklog.collector.alerts import RateLimit
+from tests.test_watch import torchrun
+
+
+class TestOnTheTrainingTerminal:
+    """A stalled rank is said where torchrun was started, not only in the collector's log."""
+
+    def test_stalled_and_resumed_rank_in_the_torchrun_output(self, tmp_path: object) -> None:
+        out = f"{tmp_path}/out"
+        job = torchrun({"kwargs": {"output_dir": out}, "env": {"RANKLOG_STALL_TIMEOUT": "3"},
+                        "steps": 200, "step_delay": 0.05,
+                        "sleep": {"rank": 1, "step": 20, "seconds": 8}})  # fmt: skip
+        output, _ = job.communicate(timeout=180)
+        assert job.returncode == 0, output
+        stalled = re.findall(r"^.*ranklog collector: rank 1 \(host .*stalled$", output, re.M)
+        assert len(stalled) == 1, output
+        assert re.search(r"ranklog collector: rank 1 is stepping again", output), output
+
+
+def record(message: str, created: float, *args: object) -> logging.LogRecord:
+    log = logging.LogRecord("ranklog.test", logging.WARNING, __file__, 1, message, args, None)
+    log.created = created
+    return log
+
+
+class TestRateLimit:
+    """At most a few lines of a kind per minute; the next one shown counts those held back."""
+
+    def test_held_back_lines_are_counted_on_the_next_one(self) -> None:
+        limit = RateLimit(lines=3, window=60.0)
+        shown = [limit.filter(record("rank %d is silent", t, t)) for t in range(10)]
+        assert shown == [True] * 3 + [False] * 7
+        assert limit.held_back() == 7
+        assert limit.filter(record("job %s looks hung", 5.0, "x"))  # another kind: shown
+        later = record("rank %d is silent", 61.0, 61)
+        assert limit.filter(later)
+        assert later.held_back == " (7 more like it not shown; see the log)"  # type: ignore[attr-defined]
+        assert limit.held_back() == 0
