@@ -14,7 +14,7 @@ from typing import Any
 
 from ranklog.backends.owned_files import OwnedFiles
 from ranklog.backends.protocol import OFFSET_ATTR, follow_job, job_of
-from ranklog.backends.wandb_log import settle, wait_finished
+from ranklog.backends.wandb_log import settle, wait_finished, wait_service_gone
 from ranklog.backends.wandb_values import loggable
 from ranklog.flatten import flatten_dict
 from ranklog.reporting import ReportOnce
@@ -260,7 +260,12 @@ class WandbHandler(logging.Handler):
         if self.job is _FIRST and self._resume_id is None:
             return {}
         # Every key, every time: the runner keeps the last checkpoint's keys not given again.
-        state = {"run_id": self._resume_id, "sync_file": self._sync_file, "marks": self._marks}
+        state = {
+            "run_id": self._resume_id,
+            "sync_file": self._sync_file,
+            "marks": self._marks,
+            "writer_pid": os.getpid(),  # whose W&B service a restart waits out
+        }
         if self.job is _FIRST:
             return state
         wandb_dir = None if self._wandb_dir is None else str(self._wandb_dir)
@@ -283,6 +288,7 @@ class WandbHandler(logging.Handler):
         if not state.get("sync_file"):
             return None  # killed inside wandb.init (or before it): nothing logged yet
         self._sync_file = state["sync_file"]
+        wait_service_gone(state.get("writer_pid"))
         settle(Path(self._sync_file))
         self._wandb_dir = Path(self._sync_file).parent.parent
         self._written_through = self._logged_through(run_id)

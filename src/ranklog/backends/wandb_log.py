@@ -99,6 +99,31 @@ def wait_finished(path: Path, timeout: float) -> bool:
         time.sleep(0.01)
 
 
+def wait_service_gone(parent_pid: int | None, timeout: float = 30.0) -> None:
+    """Wait (at most ``timeout`` s) until no W&B service started by ``parent_pid`` runs.
+
+    The service (``wandb-core --pid PARENT``) outlives a process killed with -9 until it
+    notices, and holds the run's last block in memory until it exits: a log that has not
+    grown for a moment may still be missing rows that land once it does."""
+    if parent_pid is None:
+        return
+    marker = f"\0--pid\0{parent_pid}\0".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+        b"wandb-core" in cmdline and marker in cmdline + b"\0" for cmdline in _cmdlines()
+    ):
+        time.sleep(0.05)
+
+
+def _cmdlines() -> Iterator[bytes]:
+    """Every process's command line, NUL-separated (Linux's /proc; elsewhere none)."""
+    for proc in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            yield proc.read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+
+
 def settle(log: Path, quiet: float = 0.5, timeout: float = 10.0) -> None:
     """Wait until a crashed run's log stops growing: W&B's service process outlives the
     collector that fed it and writes out the rows it already had, a moment later. Reading
