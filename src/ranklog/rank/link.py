@@ -205,8 +205,10 @@ class Link:
         return stop
 
     def _idle_wait(self, poll_ms: int, beat_at: float) -> int:
-        """How long to wait in the next poll: one poll interval, or (nothing in flight,
-        nothing to send) until the next heartbeat or system sample, asleep."""
+        """How long to wait in the next poll, asleep unless there is more to do: one poll
+        interval while records are to send or several are in flight; up to
+        ``_LONE_ACK_WAIT_MS`` for a lone record's ack; else until the next heartbeat or
+        system sample."""
         in_flight = self.outbox.in_flight()
         if in_flight > 1:
             return poll_ms
