@@ -133,6 +133,56 @@ class TestWandbDurableClose:
 
 
 @pytest.mark.usefixtures("offline")
+class TestWandbResumeAfterAnEarlyCrash:
+    """A crash right after ``wandb.init``: the checkpoint may not name the run's log yet,
+    and a power cut may leave that log empty. The restart neither logs a row twice nor
+    fails on the empty log, and leaves no folder ``wandb sync`` would fail on."""
+
+    def first_run(self, log_dir: Path) -> tuple[WandbHandler, dict[str, Any]]:
+        """Steps 0-4 logged; the checkpoint as it stood before ``wandb.init`` returned."""
+        handler = WandbHandler(log_dir=log_dir)
+        before_init: list[dict[str, Any]] = []
+        handler.owned_files.on_open = lambda: before_init.append(handler.checkpoint())
+        for step in range(5):
+            handler.handle(rec(0, step, {"loss": step / 10}))
+        handler.close()
+        assert not before_init[0]["sync_file"]  # the run named, its log not yet
+        return handler, before_init[0]
+
+    def resume(self, log_dir: Path, state: dict[str, Any]) -> list[WandbRun]:
+        wandb.teardown()  # as in the fresh collector process that restarts
+        handler = WandbHandler(log_dir=log_dir)
+        handler.restore(state)
+        for step in range(10):  # the journal read again from its start
+            handler.handle(rec(0, step, {"loss": step / 10}))
+        handler.close()
+        return [read_run(run_dir) for run_dir in offline_runs(log_dir)]
+
+    def test_rows_in_a_log_the_checkpoint_did_not_name_are_not_logged_again(
+        self, tmp_path: Path
+    ) -> None:
+        _, state = self.first_run(tmp_path)
+        runs = self.resume(tmp_path, state)
+        assert len(runs) == 2 and {run.run_id for run in runs} == {state["run_id"]}
+        assert sorted(row["_step"] for run in runs for row in run.history) == list(range(10))
+
+    def test_a_log_left_empty_by_a_power_cut_is_removed(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        handler, state = self.first_run(tmp_path)
+        (first,) = offline_runs(tmp_path)
+        empty = first.with_name(f"offline-run-29991231_235959-{state['run_id']}")
+        empty.mkdir()
+        log = empty / f"run-{state['run_id']}.wandb"
+        log.touch()  # wandb.init created it, the checkpoint named it, then the power cut
+        caplog.set_level(logging.INFO, logger="ranklog")
+        runs = self.resume(tmp_path, handler.checkpoint() | {"sync_file": str(log)})
+        assert not empty.exists(), "the empty log's folder is left"
+        assert f"removed {empty}: a crash left its log empty" in caplog.text
+        assert sorted(row["_step"] for run in runs for row in run.history) == list(range(10))
+
+
+@pytest.mark.usefixtures("offline")
 class TestWandbOddValues:
     """Values W&B cannot encode become their text; a step-less record joins no row."""
 

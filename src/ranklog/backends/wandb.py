@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 import uuid
@@ -14,7 +15,12 @@ from typing import Any
 
 from ranklog.backends.owned_files import OwnedFiles
 from ranklog.backends.protocol import OFFSET_ATTR, follow_job, job_of
-from ranklog.backends.wandb_log import settle, wait_finished, wait_service_gone
+from ranklog.backends.wandb_log import (
+    HEADER_BYTES,
+    settle,
+    wait_finished,
+    wait_service_gone,
+)
 from ranklog.backends.wandb_values import loggable
 from ranklog.flatten import flatten_dict
 from ranklog.reporting import ReportOnce
@@ -148,6 +154,9 @@ class WandbHandler(logging.Handler):
             fresh = given and given not in self._runs.values()
             run_id = str(given) if fresh else uuid.uuid4().hex[:12]
             self._resume_id = self._runs[_job_key(job_of(record))] = run_id
+            if self._wandb_dir is None:  # where a restart looks for the run's logs
+                root = self.wandb_init_kwargs.get("dir") or os.environ.get("WANDB_DIR")
+                self._wandb_dir = Path(root or self.log_dir).absolute() / "wandb"
             self._announce()
         try:
             import wandb
@@ -265,11 +274,11 @@ class WandbHandler(logging.Handler):
             "sync_file": self._sync_file,
             "marks": self._marks,
             "writer_pid": os.getpid(),  # whose W&B service a restart waits out
+            "wandb_dir": None if self._wandb_dir is None else str(self._wandb_dir),
         }
         if self.job is _FIRST:
             return state
-        wandb_dir = None if self._wandb_dir is None else str(self._wandb_dir)
-        return {**state, "job": self.job, "runs": dict(self._runs), "wandb_dir": wandb_dir}
+        return {**state, "job": self.job, "runs": dict(self._runs)}
 
     def restore(self, state: dict[str, Any] | None, *, from_start: bool = False) -> int | None:
         """Resume the crashed run: the same run id (W&B merges its segments when synced), and
@@ -285,13 +294,21 @@ class WandbHandler(logging.Handler):
         run_id = state["run_id"]
         self._resume_id = run_id
         self._resuming = run_id is not None
-        if not state.get("sync_file"):
-            return None  # killed inside wandb.init (or before it): nothing logged yet
-        self._sync_file = state["sync_file"]
-        wait_service_gone(state.get("writer_pid"))
-        settle(Path(self._sync_file))
-        self._wandb_dir = Path(self._sync_file).parent.parent
+        if state.get("sync_file"):
+            self._sync_file = state["sync_file"]
+            self._wandb_dir = Path(self._sync_file).parent.parent
+        if run_id is None or self._wandb_dir is None:
+            return None  # killed before the run was named: nothing logged yet
+        # Killed inside wandb.init or just after, the checkpoint may not name the log yet
+        # while W&B's service already wrote rows to it: every log of the run is read.
+        service_gone = wait_service_gone(state.get("writer_pid"))
+        if self._sync_file:
+            settle(Path(self._sync_file))
+        if service_gone:  # else it may be writing the log's first block still
+            _remove_empty_logs(self._wandb_dir, run_id)
         self._written_through = self._logged_through(run_id)
+        if self._written_through is None and not self._sync_file:
+            return None  # no row logged: the checkpoint's offset holds
         self._marks = [(int(step), int(offset)) for step, offset in state.get("marks", [])]
         through = self._written_through
         safe = [offset for step, offset in self._marks if through is not None and step <= through]
@@ -347,3 +364,16 @@ def teardown_within(timeout: float) -> bool:
     worker.start()
     worker.join(timeout)
     return not worker.is_alive()
+
+
+def _remove_empty_logs(wandb_dir: Path, run_id: str) -> None:
+    """Remove the run's folders whose log has no header: wandb.init created them, then a
+    crash or power cut came before W&B's service wrote anything durable. Left there, they
+    would make ``wandb sync`` fail. (A checkpoint never lists such a log with a size.)"""
+    for log in wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb"):
+        try:
+            if log.stat().st_size < HEADER_BYTES:
+                shutil.rmtree(log.parent)
+                _log.info("backend wandb: removed %s: a crash left its log empty", log.parent)
+        except OSError as exc:
+            _log.warning("backend wandb: could not remove the empty %s (%s)", log.parent, exc)

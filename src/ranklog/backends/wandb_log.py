@@ -20,6 +20,7 @@ from typing import Any
 _HEADER = struct.Struct("<4sHB")
 _CHUNK = struct.Struct("<IHB")
 _IDENT, _MAGIC = b":W&B", 0xBEE1
+HEADER_BYTES = _HEADER.size
 _BLOCK = 32 * 1024
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
@@ -30,6 +31,11 @@ def records(path: Path, *, strict: bool = True) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2  # the collector side: wandb is installed
 
     data = path.read_bytes()
+    if len(data) < HEADER_BYTES:
+        # Created, then a power cut before W&B's service wrote its header to disk.
+        if not strict:
+            return
+        raise ValueError(f"{path}: not a W&B transaction log ({len(data)} bytes, no header)")
     ident, magic, _version = _HEADER.unpack_from(data)
     if ident != _IDENT or magic != _MAGIC:
         raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
@@ -77,7 +83,7 @@ def finished(path: Path) -> bool:
     """Whether the log holds its run's exit record, and so every row logged before it."""
     try:
         return any(r.WhichOneof("record_type") == "exit" for r in records(path, strict=False))
-    except (OSError, ValueError, struct.error):  # not there yet, or no full header yet
+    except (OSError, ValueError):  # not there yet
         return False
 
 
@@ -99,20 +105,22 @@ def wait_finished(path: Path, timeout: float) -> bool:
         time.sleep(0.01)
 
 
-def wait_service_gone(parent_pid: int | None, timeout: float = 30.0) -> None:
+def wait_service_gone(parent_pid: int | None, timeout: float = 30.0) -> bool:
     """Wait (at most ``timeout`` s) until no W&B service started by ``parent_pid`` runs.
 
     The service (``wandb-core --pid PARENT``) outlives a process killed with -9 until it
     notices, and holds the run's last block in memory until it exits: a log that has not
-    grown for a moment may still be missing rows that land once it does."""
+    grown for a moment may still be missing rows that land once it does. False if it still
+    runs when ``timeout`` has passed."""
     if parent_pid is None:
-        return
+        return True
     marker = f"\0--pid\0{parent_pid}\0".encode()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(
-        b"wandb-core" in cmdline and marker in cmdline + b"\0" for cmdline in _cmdlines()
-    ):
+    while any(b"wandb-core" in line and marker in line + b"\0" for line in _cmdlines()):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 def _cmdlines() -> Iterator[bytes]:
