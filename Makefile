@@ -57,7 +57,7 @@ test-tools:
 	fi
 
 test: lint test-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 compose-test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/compose -m compose

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +18,31 @@ import zmq
 import zmq.auth
 
 from ranklog.collector.router import REFUSAL_REPORT_EVERY, AllowList
-from tests.conftest import CollectorProcess, process_tree, ranklog, read_jsonl
+from tests.conftest import CollectorProcess, process_tree, ranklog, read_jsonl, start_collector
 from tests.ranks import REPO, finish, start_ranks
 from tests.wandb_reader import WandbRun, offline_runs, read_run
 
 COLLECT_ARGS = ("--silence-timeout", "5", "--status-interval", "1")
+
+
+@pytest.fixture(scope="module")
+def early_collector(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[CollectorProcess, float]]:
+    """TestEarlyCollector's collector and when it started: at the module's start."""
+    out = tmp_path_factory.mktemp("early") / "out"
+    c = start_collector(out, "--world-size", "2", "--exit-when-done", "--status-interval", "10")
+    yield c, time.monotonic()
+    if c.proc.poll() is None:
+        c.proc.kill()
+        c.proc.wait(10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_early_collector_first(request: pytest.FixtureRequest) -> None:
+    """Start ``early_collector`` before the module's first test, if its test is selected."""
+    if any(item.cls is TestEarlyCollector for item in request.session.items):
+        request.getfixturevalue("early_collector")
 
 
 def free_endpoint() -> str:
@@ -199,25 +219,6 @@ class TestLateCollector:
         finish(ranks)
         assert c.wait(timeout=60) == 0, c.log()
         assert_exactly_once(out, 2, 1000)
-
-
-class TestEarlyCollector:
-    """A standalone --exit-when-done collector waits for ranks still loading their model."""
-
-    def test_collector_started_75_seconds_before_its_ranks(
-        self, collector: Callable[..., CollectorProcess], tmp_path: Path
-    ) -> None:
-        out = tmp_path / "out"
-        c = collector("--world-size", "2", "--exit-when-done", "--status-interval", "10",
-                      output_dir=out)  # fmt: skip
-        waited_until = time.monotonic() + 75  # longer than the old 60 s give-up
-        while time.monotonic() < waited_until:
-            assert c.proc.poll() is None, c.log()
-            time.sleep(1)
-        assert "waiting for rank(s) 0, 1 to connect" in c.log()
-        finish(start_ranks(c.endpoint, 2, 500))
-        assert c.wait(timeout=60) == 0, c.log()
-        assert_exactly_once(out, 2, 500)
 
 
 class TestDeadRank:
@@ -585,3 +586,24 @@ class TestBackpressure:
         assert c.wait(60) == 1  # the hung backend is abandoned, by name
         assert "backend hung did not drain" in c.log()
         assert_exactly_once(out, 4, 5_000)
+
+
+class TestEarlyCollector:
+    """A standalone --exit-when-done collector waits for ranks still loading their model.
+
+    Last in the module: its collector starts with the module's first test (see
+    ``early_collector``), so the 75 s it must wait pass while the others run."""
+
+    def test_collector_started_75_seconds_before_its_ranks(
+        self, early_collector: tuple[CollectorProcess, float]
+    ) -> None:
+        c, started = early_collector
+        waited_until = started + 75  # longer than the old 60 s give-up
+        while time.monotonic() < waited_until:
+            assert c.proc.poll() is None, c.log()
+            time.sleep(1)
+        assert c.proc.poll() is None, c.log()
+        assert "waiting for rank(s) 0, 1 to connect" in c.log()
+        finish(start_ranks(c.endpoint, 2, 500))
+        assert c.wait(timeout=60) == 0, c.log()
+        assert_exactly_once(c.output_dir, 2, 500)
