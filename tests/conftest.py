@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -77,6 +78,23 @@ def start_collector(
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"collector never became ready:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """What the tests' processes and their children (torchrun, W&B, the default ipc://
+    endpoints) put in the temporary dir goes under pytest's own base folder, which pytest
+    prunes, not into /tmp for good."""
+    folder = tmp_path_factory.mktemp("tmp")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # computed again from TMPDIR
+    yield folder
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
 
 
 @pytest.fixture

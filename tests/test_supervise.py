@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def collector() -> Iterator[EmbeddedCollector]:
     live = collector_pid(folder / "out", set())
     if live is not None:
         os.kill(live, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class TestBounds:
