@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.backends.sink import Sink
+from ranklog.envelope import RecordEnvelope
 from ranklog.errors import ProtocolError
 from ranklog.filters import IsMappingFilter
 from ranklog.rank.encoder import RecordEncoder
@@ -38,6 +40,7 @@ from ranklog.wire import (
     decode,
     decode_journaled,
     decode_journaled_record,
+    decode_message,
 )
 
 ENCODER = RecordEncoder(detect_identity(rank=2, local_rank=1, world_size=4, run_id="typed"))
@@ -102,7 +105,24 @@ def _agree(frame: bytes) -> dict[str, Any] | None:
         assert isinstance(outcome, dict) and _same(outcome, untyped)
     else:
         assert outcome == untyped  # the same reason, the same message
+    _message_agrees(frame, typed, untyped)
     return typed
+
+
+def _message_agrees(frame: bytes, typed: dict[str, Any] | None, untyped: Any) -> None:
+    """``decode_message`` (the collector's static types) takes the same frames, gives the
+    same reasons, and its struct holds the map's values; the C-decoded record struct takes
+    exactly what the typed map path takes."""
+    message = _outcome(decode_message, frame)
+    if not isinstance(untyped, dict):
+        assert message == untyped
+        return
+    assert isinstance(message, msgspec.Struct), message
+    assert message.kind == untyped["kind"] and message.v == 1
+    assert (type(message) is RecordEnvelope) == (typed is not None)
+    for name in message.__struct_fields__:
+        if name in untyped and name != "v":
+            assert _same(getattr(message, name), untyped[name]), name
 
 
 class TestTypedDecodeAgreesWithTheTable:

@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ranklog.collector.cadence import Cadence
+
+if TYPE_CHECKING:
+    from ranklog.envelope import Message
 
 
 class SeqTracker:
@@ -62,7 +65,14 @@ class SeqTracker:
         return tracker
 
 
-PeerKey = tuple[str, int, str]  # (run id, rank, incarnation)
+PeerKey = tuple[str, int, str]  # (job, rank, incarnation)
+
+
+def peer_key(message: Message) -> PeerKey:
+    """The key of the rank incarnation that sent (or is acknowledged by) ``message``."""
+    return (message.run, message.rank, message.inc)
+
+
 # Incarnations the table holds: about 2 KB each. Past this, the one to go is one from an
 # earlier collector run or silent, else one that never sent a record, else the one heard
 # longest ago: a made-up flood evicts itself, and a real rank always gets in.
