@@ -96,13 +96,13 @@ class Peer:
     spilled: int = 0  # records its goodbye says it left in a spill file (ingested later)
     last_step: int | None = None
     silent: bool = False
-    run: str = ""  # the job: set by RankTable.add from the key
+    job: str = ""  # the job id: set by RankTable.add from the key
     progress: Cadence = field(default_factory=Cadence)
     # Heard by this collector run, not only read back from the journal: an earlier job's
     # ranks (whose goodbyes the journal still holds) never decide when this job is done.
     live: bool = False
     recorded: bool = False  # sent a record or a goodbye (else the first to be evicted)
-    inc: str = ""  # the incarnation: set by RankTable.add from the key
+    incarnation: str = ""  # set by RankTable.add from the key
     joined_at: float = 0.0  # when this collector run first heard it
     mistake: str = ""  # a launch mistake it is part of (ranklog.collector.launch), if any
 
@@ -143,7 +143,7 @@ class RankTable:
         """Add ``peer`` as the most recently heard, evicting one if the table is full."""
         while len(self._peers) >= self.capacity:
             self._evict(self._victim())
-        peer.run, peer.inc = key[0], key[2]
+        peer.job, peer.incarnation = key[0], key[2]
         peer.progress.watched = self.watched
         self._peers[key] = peer
         self._by_rank.setdefault(peer.rank, {})[key] = peer
@@ -205,9 +205,9 @@ class RankTable:
         last) count as heard here, goodbyes included. Returns that job's run id."""
         if not self._peers:
             return None
-        latest = next(reversed(self._peers.values())).run
+        latest = next(reversed(self._peers.values())).job
         for peer in self._peers.values():
-            if peer.run == latest:
+            if peer.job == latest:
                 peer.live = True
         return latest
 
