@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ranklog.backends.journaled import decode_journaled, decode_journaled_record
 from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
@@ -38,8 +39,6 @@ from ranklog.wire import (
     _decode_untyped,
     _typed_records,
     decode,
-    decode_journaled,
-    decode_journaled_record,
     decode_message,
 )
 
