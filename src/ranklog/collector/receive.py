@@ -140,7 +140,7 @@ def _receive_frame(
     if routed is None or routed[1] != key or routed[0] != route:
         peer = _heard(route, key, message, ranks, stats, now, into)
     assert peer is not None
-    if isinstance(message, HelloEnvelope | HeartbeatEnvelope):
+    if isinstance(message, (HelloEnvelope, HeartbeatEnvelope)):
         _note_counters(peer, message)
         return
     seq = message.seq
@@ -234,7 +234,7 @@ def recover(frames: Iterable[bytes], ranks: RankTable, stats: CollectorStats, no
             message = decode_message(frame)
         except ProtocolError:
             continue
-        if not isinstance(message, AnyRecord | GoodbyeEnvelope):
+        if isinstance(message, (HelloEnvelope, HeartbeatEnvelope, AckEnvelope)):
             continue  # the journal holds records and goodbyes only
         key = peer_key(message)
         peer = ranks.get(key)
