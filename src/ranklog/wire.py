@@ -140,11 +140,11 @@ _CHECKS = {
 }
 
 
-def pack_ack(run: str, rank: int, incarnation: str, seq: int, got: int | None = None) -> bytes:
+def pack_ack(job: str, rank: int, incarnation: str, seq: int, got: int | None = None) -> bytes:
     """The collector's acknowledgement: every seq up to ``seq`` is safe; ``got`` (when
     given): seqs up to it arrived but were not kept, so the rank should send them again."""
     ack: dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "kind": ACK, "run": run, "rank": rank, "inc": incarnation, "seq": seq
+        "v": PROTOCOL_VERSION, "kind": ACK, "run": job, "rank": rank, "inc": incarnation, "seq": seq
     }  # fmt: skip
     if got is not None:
         ack["got"] = got
