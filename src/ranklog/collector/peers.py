@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class SeqTracker:
-    """Accepted seqs of one (run, rank, incarnation): a contiguous prefix plus stragglers.
+    """Accepted seqs of one (job, rank, incarnation): a contiguous prefix plus stragglers.
 
     ``contiguous`` is the highest seq such that every seq up to it was accepted, or given up
     by the rank (its reported ``base`` says nothing below it will come again). That is the
@@ -191,18 +191,20 @@ class RankTable:
     def from_state(cls, rows: list[list[Any]], now: float) -> RankTable:
         """The table a snapshot kept; each incarnation last seen ``now``, not live."""
         table = cls()
-        for run, rank, inc, world_size, host, pid, seqs, goodbye, dropped, converted, step in rows:
+        for row in rows:
+            job, rank, incarnation, world_size, host, pid = row[:6]
+            seqs, goodbye, dropped, converted, step = row[6:]
             peer = Peer(rank=rank, world_size=world_size, host=host, pid=pid, last_seen=now,
                         recorded=True)  # fmt: skip
             peer.tracker = SeqTracker.from_state(seqs)
             peer.goodbye_seq, peer.last_step = goodbye, step
             peer.dropped, peer.converted = dropped, converted
-            table.add((run, rank, inc), peer)
+            table.add((job, rank, incarnation), peer)
         return table
 
     def resume_latest_job(self) -> str | None:
         """A killed collector's job goes on in this run: its incarnations (the job heard
-        last) count as heard here, goodbyes included. Returns that job's run id."""
+        last) count as heard here, goodbyes included. Returns that job."""
         if not self._peers:
             return None
         latest = next(reversed(self._peers.values())).job

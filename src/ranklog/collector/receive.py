@@ -6,7 +6,7 @@
 :func:`receive` decodes and validates each frame (:func:`ranklog.wire.decode_message`, into
 the static types of ``ranklog.envelope``), rejects what
 is not a valid envelope with a counted reason, and de-duplicates records and goodbyes by
-(run, rank, incarnation, seq). Once the accepted frames are durable, :meth:`Received.apply`
+(job, rank, incarnation, seq). Once the accepted frames are durable, :meth:`Received.apply`
 accounts for them, and :meth:`Received.acks` says, per route, how far each rank is safe.
 """
 
