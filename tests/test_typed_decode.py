@@ -28,7 +28,14 @@ from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.backends.sink import Sink
-from ranklog.envelope import RecordEnvelope
+from ranklog.envelope import (
+    AckEnvelope,
+    GoodbyeEnvelope,
+    HeartbeatEnvelope,
+    HelloEnvelope,
+    LooseRecordEnvelope,
+    RecordEnvelope,
+)
 from ranklog.errors import ProtocolError
 from ranklog.filters import IsMappingFilter
 from ranklog.rank.encoder import RecordEncoder
@@ -40,6 +47,7 @@ from ranklog.wire import (
     _typed_records,
     decode,
     decode_message,
+    pack_ack,
 )
 
 ENCODER = RecordEncoder(detect_identity(rank=2, local_rank=1, world_size=4, run_id="typed"))
@@ -268,3 +276,42 @@ def test_a_subclass_that_changes_emit_gets_log_records() -> None:
     plain = AsyncStructuredHandler(log_dir="unused")
     plain.addFilter(lambda record: True)
     assert not plain.takes_envelopes()
+
+
+class TestEveryKindHasAStaticType:
+    """``decode_message`` reads each kind into its own struct, optional fields at their
+    wire default when a rank leaves them out; what ``decode`` rejects it rejects alike."""
+
+    def test_control_kinds(self) -> None:
+        hello = decode_message(ENCODER.control("hello", base=1, dropped=2, converted=3))
+        assert isinstance(hello, HelloEnvelope)
+        assert (hello.run, hello.rank, hello.base, hello.dropped, hello.converted) == (
+            "typed",
+            2,
+            1,
+            2,
+            3,
+        )
+        assert hello.resent == 0  # absent: a rank that does not report it
+        beat = decode_message(ENCODER.control("heartbeat", base=0, dropped=0, converted=0))
+        assert isinstance(beat, HeartbeatEnvelope)
+        bye = decode_message(
+            ENCODER.control("goodbye", seq=9, base=0, dropped=0, converted=0, spilled=4)
+        )
+        assert isinstance(bye, GoodbyeEnvelope) and (bye.seq, bye.spilled) == (9, 4)
+        ack = decode_message(pack_ack("typed", 2, "inc", 7, 9))
+        assert isinstance(ack, AckEnvelope) and (ack.seq, ack.got) == (7, 9)
+        plain = decode_message(pack_ack("typed", 2, "inc", 7))
+        assert isinstance(plain, AckEnvelope) and plain.got is None
+
+    def test_a_record_the_struct_refuses_is_loose(self) -> None:
+        frame = ENCODER.record(3, _record({"a": {"b": {"c": 1}}}, 7))
+        record = decode_message(frame)
+        assert isinstance(record, LooseRecordEnvelope)
+        assert (record.msg, record.step, record.seq) == ({"a": {"b": {"c": 1}}}, 7, 3)
+
+    def test_a_control_field_out_of_its_rule_is_rejected(self) -> None:
+        frame = ENCODER.control("heartbeat", base=0, dropped=-1, converted=0)
+        with pytest.raises(ProtocolError) as info:
+            decode_message(frame)
+        assert info.value.reason == "bad-field" and "dropped" in str(info.value)
