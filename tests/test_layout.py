@@ -186,3 +186,37 @@ class TestNoImportCycles:
     def test_the_check_sees_a_type_only_cycle(self) -> None:
         graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
         assert _cycles(graph) == [["a", "b", "c"]]
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_CLASS_LINES = 350, 60, 300
+
+
+def _oversized(tree: ast.Module, name: str, lines: int) -> list[str]:
+    """What in one module is over its size (decorators count as part of what they wrap)."""
+    found = [f"{name}: {lines} lines"] if lines > MAX_MODULE_LINES else []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            size = (node.end_lineno or node.lineno) - first + 1
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            if size > limit:
+                found.append(f"{name}:{node.lineno} {node.name}: {size} lines")
+    return found
+
+
+class TestSizes:
+    """Files short enough to read in one sitting: no module over 350 lines, no function
+    over 60, no class over 300."""
+
+    def test_src_is_within_the_sizes(self) -> None:
+        oversized = []
+        for path in sorted(PACKAGE.rglob("*.py")):
+            text = path.read_text()
+            name = str(path.relative_to(PACKAGE))
+            oversized += _oversized(ast.parse(text), name, text.count("\n"))
+        assert oversized == []
+
+    def test_the_check_sees_a_long_function(self) -> None:
+        body = "\n".join(f"    x{i} = {i}" for i in range(60))
+        tree = ast.parse(f"@decorated\ndef f():\n{body}\n")
+        assert _oversized(tree, "m.py", 63) == ["m.py:2 f: 62 lines"]

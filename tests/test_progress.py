@@ -8,6 +8,16 @@ import pytest
 
 from ranklog.collector.peers import Peer, RankTable
 from ranklog.collector.progress import Progress, current_job, state
+from ranklog.envelope import LooseRecordEnvelope
+
+
+def record(step: int | None, time: float, msg: Any, hparams: bool = False) -> LooseRecordEnvelope:
+    """A record envelope as the collector decodes it: what the cadence reads of it."""
+    return LooseRecordEnvelope(
+        v=1, kind="record", run="job", rank=0, inc="inc", local_rank=0, world_size=1,
+        host="h", pid=1, seq=1, time=time, logger="m", level=20, step=step, hparams=hparams,
+        msg=msg, extra={},
+    )  # fmt: skip
 
 
 def job(world_size: int, run: str = "job") -> tuple[RankTable, list[Peer]]:
@@ -23,8 +33,7 @@ def step(peer: Peer, number: int, now: float, msg: Any = None) -> None:
     """``peer`` logged step ``number`` at ``now`` (its clock and the collector's agree)."""
     peer.last_seen = now
     peer.last_step = number
-    envelope = {"step": number, "time": now, "msg": msg or {"loss": 1.0 / (number + 1)},
-                "hparams": False}  # fmt: skip
+    envelope = record(number, now, msg or {"loss": 1.0 / (number + 1)})
     peer.progress.record(envelope, now)
 
 
@@ -136,6 +145,6 @@ class TestCurrentJob:
         table, (peer,) = job(1)
         table.watched.append("loss")
         step(peer, 1, 0.0, {"loss": 0.5, "lr": 0.1})
-        peer.progress.record({"step": None, "time": 1.0, "msg": {"loss": 9.0}, "hparams": True}, 1)
+        peer.progress.record(record(None, 1.0, {"loss": 9.0}, hparams=True), 1)
         step(peer, 2, 2.0, {"lr": 0.1})
         assert peer.progress.values == {"loss": 0.5}

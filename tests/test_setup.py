@@ -23,8 +23,8 @@ from ranklog import (
     setup_root_logger,
 )
 from ranklog.names import BACKEND_OPTIONS
+from ranklog.rank.call_form import plan as _plan
 from ranklog.rank.embedded import EmbeddedCollector
-from ranklog.rank.setup import _plan
 from tests.conftest import ranklog, read_jsonl, start_collector
 from tests.ranks import start_rank
 from tests.test_delivery import tensorboard_loss_steps, wait_for

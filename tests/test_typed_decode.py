@@ -18,14 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ranklog.backends.journaled import decode_journaled, decode_journaled_record
 from ranklog.backends.jsonl import AsyncStructuredHandler
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.backends.sink import Sink
+from ranklog.envelope import (
+    AckEnvelope,
+    GoodbyeEnvelope,
+    HeartbeatEnvelope,
+    HelloEnvelope,
+    LooseRecordEnvelope,
+    RecordEnvelope,
+)
 from ranklog.errors import ProtocolError
 from ranklog.filters import IsMappingFilter
 from ranklog.rank.encoder import RecordEncoder
@@ -36,8 +46,8 @@ from ranklog.wire import (
     _decode_untyped,
     _typed_records,
     decode,
-    decode_journaled,
-    decode_journaled_record,
+    decode_message,
+    pack_ack,
 )
 
 ENCODER = RecordEncoder(detect_identity(rank=2, local_rank=1, world_size=4, run_id="typed"))
@@ -102,7 +112,24 @@ def _agree(frame: bytes) -> dict[str, Any] | None:
         assert isinstance(outcome, dict) and _same(outcome, untyped)
     else:
         assert outcome == untyped  # the same reason, the same message
+    _message_agrees(frame, typed, untyped)
     return typed
+
+
+def _message_agrees(frame: bytes, typed: dict[str, Any] | None, untyped: Any) -> None:
+    """``decode_message`` (the collector's static types) takes the same frames, gives the
+    same reasons, and its struct holds the map's values; the C-decoded record struct takes
+    exactly what the typed map path takes."""
+    message = _outcome(decode_message, frame)
+    if not isinstance(untyped, dict):
+        assert message == untyped
+        return
+    assert isinstance(message, msgspec.Struct), message
+    assert message.kind == untyped["kind"] and message.v == 1
+    assert (type(message) is RecordEnvelope) == (typed is not None)
+    for name in message.__struct_fields__:
+        if name in untyped and name != "v":
+            assert _same(getattr(message, name), untyped[name]), name
 
 
 class TestTypedDecodeAgreesWithTheTable:
@@ -249,3 +276,42 @@ def test_a_subclass_that_changes_emit_gets_log_records() -> None:
     plain = AsyncStructuredHandler(log_dir="unused")
     plain.addFilter(lambda record: True)
     assert not plain.takes_envelopes()
+
+
+class TestEveryKindHasAStaticType:
+    """``decode_message`` reads each kind into its own struct, optional fields at their
+    wire default when a rank leaves them out; what ``decode`` rejects it rejects alike."""
+
+    def test_control_kinds(self) -> None:
+        hello = decode_message(ENCODER.control("hello", base=1, dropped=2, converted=3))
+        assert isinstance(hello, HelloEnvelope)
+        assert (hello.run, hello.rank, hello.base, hello.dropped, hello.converted) == (
+            "typed",
+            2,
+            1,
+            2,
+            3,
+        )
+        assert hello.resent == 0  # absent: a rank that does not report it
+        beat = decode_message(ENCODER.control("heartbeat", base=0, dropped=0, converted=0))
+        assert isinstance(beat, HeartbeatEnvelope)
+        bye = decode_message(
+            ENCODER.control("goodbye", seq=9, base=0, dropped=0, converted=0, spilled=4)
+        )
+        assert isinstance(bye, GoodbyeEnvelope) and (bye.seq, bye.spilled) == (9, 4)
+        ack = decode_message(pack_ack("typed", 2, "inc", 7, 9))
+        assert isinstance(ack, AckEnvelope) and (ack.seq, ack.got) == (7, 9)
+        plain = decode_message(pack_ack("typed", 2, "inc", 7))
+        assert isinstance(plain, AckEnvelope) and plain.got is None
+
+    def test_a_record_the_struct_refuses_is_loose(self) -> None:
+        frame = ENCODER.record(3, _record({"a": {"b": {"c": 1}}}, 7))
+        record = decode_message(frame)
+        assert isinstance(record, LooseRecordEnvelope)
+        assert (record.msg, record.step, record.seq) == ({"a": {"b": {"c": 1}}}, 7, 3)
+
+    def test_a_control_field_out_of_its_rule_is_rejected(self) -> None:
+        frame = ENCODER.control("heartbeat", base=0, dropped=-1, converted=0)
+        with pytest.raises(ProtocolError) as info:
+            decode_message(frame)
+        assert info.value.reason == "bad-field" and "dropped" in str(info.value)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import msgpack
 
@@ -24,7 +24,7 @@ from ranklog.names import MAX_NAME_CHARS
 if TYPE_CHECKING:
     from msgspec.msgpack import Decoder
 
-    from ranklog.envelope import FlatRecordEnvelope, RecordEnvelope
+    from ranklog.envelope import FlatRecordEnvelope, Message, RecordEnvelope
 
 PROTOCOL_VERSION = 1
 RECORD, HELLO, HEARTBEAT, GOODBYE, ACK = "record", "hello", "heartbeat", "goodbye", "ack"
@@ -140,11 +140,11 @@ _CHECKS = {
 }
 
 
-def pack_ack(run: str, rank: int, incarnation: str, seq: int, got: int | None = None) -> bytes:
+def pack_ack(job: str, rank: int, incarnation: str, seq: int, got: int | None = None) -> bytes:
     """The collector's acknowledgement: every seq up to ``seq`` is safe; ``got`` (when
     given): seqs up to it arrived but were not kept, so the rank should send them again."""
     ack: dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "kind": ACK, "run": run, "rank": rank, "inc": incarnation, "seq": seq
+        "v": PROTOCOL_VERSION, "kind": ACK, "run": job, "rank": rank, "inc": incarnation, "seq": seq
     }  # fmt: skip
     if got is not None:
         ack["got"] = got
@@ -157,15 +157,32 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def decode(frame: bytes) -> dict[str, Any]:
-    """Decode and validate one frame; raise :class:`ProtocolError` with a counted reason."""
-    if not frame:
-        raise ProtocolError("empty-frame", "expected a msgpack map, got 0 bytes")
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError("too-large", f"{len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    """Decode and validate one frame into a map; raise :class:`ProtocolError` with a
+    counted reason. (The collector reads :func:`decode_message`'s static types instead.)"""
+    _check_size(frame)
     typed = (_TYPED or _typed_records()).envelope(frame)
     if typed is not None:
         return typed
     return _decode_untyped(frame)
+
+
+def decode_message(frame: bytes) -> Message:
+    """:func:`decode`, into the static type of the envelope's kind
+    (:data:`ranklog.envelope.Message`): what the collector reads. Needs msgspec (the
+    collector extra). The same frames are accepted, with the same reasons for the rest."""
+    _check_size(frame)
+    typed = _TYPED or _typed_records()
+    record = typed.record(frame)
+    if record is not None:
+        return record
+    return typed.message(_decode_untyped(frame))
+
+
+def _check_size(frame: bytes) -> None:
+    if not frame:
+        raise ProtocolError("empty-frame", "expected a msgpack map, got 0 bytes")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("too-large", f"{len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
 
 
 def _decode_untyped(frame: bytes) -> dict[str, Any]:
@@ -194,59 +211,6 @@ def _decode_untyped(frame: bytes) -> dict[str, Any]:
     return envelope
 
 
-class RecordMap(TypedDict):
-    """A record envelope as msgpack decodes it: the keys of
-    :class:`~ranklog.envelope.RecordEnvelope`, with values as loose as the table's rules
-    let through (``msg`` and ``extra`` values of any depth). What a journaled record the
-    typed path does not take is."""
-
-    v: int
-    kind: str
-    run: str
-    rank: int
-    inc: str
-    local_rank: int
-    world_size: int
-    host: str
-    pid: int
-    seq: int
-    time: float
-    logger: str
-    level: int
-    step: int | None
-    hparams: bool
-    msg: object
-    extra: dict[str, object]
-
-
-def decode_journaled(frame: bytes) -> dict[str, object]:
-    """Decode a journal entry: an envelope :func:`decode` accepted on its way in (the
-    journal's checksum guards the bytes since), so it is not validated again."""
-    envelope: dict[str, object] = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    return envelope
-
-
-def decode_journaled_map(frame: bytes) -> RecordMap | None:
-    """A journaled record as a :class:`RecordMap` (None: a goodbye), for a record
-    :func:`decode_journaled_record` does not take."""
-    envelope = decode_journaled(frame)
-    # The table checked every field of it before it was journaled.
-    return cast(RecordMap, envelope) if envelope.get("kind") == RECORD else None
-
-
-def decode_journaled_record(frame: bytes) -> RecordEnvelope | None:
-    """A journaled record as a :class:`~ranklog.envelope.RecordEnvelope`, or None: not a
-    record, not the shape the typed path takes, or no msgspec (then use
-    :func:`decode_journaled`). Its class's ``flat`` is True when ``msg`` is a dict of
-    str keys and plain values (numbers, text, flags, nil), as ranks usually send."""
-    return _typed_records().journaled(frame)
-
-
-def journaled_record_decoder() -> Callable[[bytes], RecordEnvelope | None]:
-    """:func:`decode_journaled_record` itself, for a loop over many entries."""
-    return _typed_records().journaled
-
-
 class _TypedRecords:
     """msgspec decoders of ``ranklog.envelope``'s static record type: a record envelope as
     ranks send it, decoded and checked in C. Whatever they refuse goes the untyped way,
@@ -258,6 +222,7 @@ class _TypedRecords:
         self.header: tuple[bytes, ...] = ()
         self.flat: Decoder[FlatRecordEnvelope] | None = None
         self.rest: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
+        self.by_kind: dict[str, type[Message]] = {}
         fields = [f for f in ENVELOPE if RECORD in f.kinds]
         try:
             import msgspec
@@ -266,7 +231,9 @@ class _TypedRecords:
         except ImportError:  # the collector extra is not installed: the untyped way only
             return
         names = envelope.RecordEnvelope.__struct_fields__
-        if names != ("v", "kind", *(f.name for f in fields)):
+        if {"v", "kind"} - set(names) or [n for n in names if n not in ("v", "kind")] != [
+            f.name for f in fields
+        ]:
             return  # the struct does not say what the table says: the table decides alone
         hints = typing.get_type_hints(envelope.RecordEnvelope, include_extras=True)
         # For decode: a plain dict, checked in C, with the struct's types. A TypedDict skips
@@ -279,6 +246,7 @@ class _TypedRecords:
         self.general = msgspec.msgpack.Decoder(envelope.RecordEnvelope)
         self.flat = msgspec.msgpack.Decoder(envelope.FlatRecordEnvelope)
         self.rest = tuple((f.name, f.rule.rest) for f in fields if f.rule.rest is not None)
+        self.by_kind = envelope.BY_KIND
 
     def envelope(self, frame: bytes) -> dict[str, Any] | None:
         """The envelope :func:`decode`'s untyped way would return, or None: let it decide."""
@@ -292,6 +260,32 @@ class _TypedRecords:
             if not rest(envelope[name]):
                 return None
         return envelope
+
+    def record(self, frame: bytes) -> RecordEnvelope | None:
+        """A record as ranks send it, decoded and checked in C, or None: let the table
+        decide (the same frames as :meth:`envelope`: the struct has the map's types and
+        forbids other keys)."""
+        if self.general is None or not frame.startswith(self.header):
+            return None
+        try:
+            record = self.general.decode(frame)
+        except Exception:  # msgspec's DecodeError or ValidationError: not the plain shape
+            return None
+        for name, rest in self.rest:
+            if not rest(getattr(record, name)):
+                return None
+        return record
+
+    def message(self, envelope: dict[str, Any]) -> Message:
+        """The static type of an envelope the table checked, built from its map (whose
+        values the table's rules make the struct's types; keys it does not know are left
+        out)."""
+        if not self.by_kind:
+            raise RuntimeError("decoding into ranklog.envelope's types needs msgspec")
+        cls = self.by_kind[envelope["kind"]]
+        fields = {name: envelope[name] for name in cls.__struct_fields__ if name in envelope}
+        fields["v"] = PROTOCOL_VERSION  # the table takes any value equal to it (1.0, True)
+        return cls(**fields)
 
     def journaled(self, frame: bytes) -> RecordEnvelope | None:
         if self.general is None or self.flat is None:

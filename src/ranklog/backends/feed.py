@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ranklog.backends.checkpoints import Checkpoints
+from ranklog.backends.journaled import journaled_record_decoder
 from ranklog.backends.policies import RankPolicy
 from ranklog.backends.protocol import EnvelopeItem
 from ranklog.backends.sink import Sink
 from ranklog.journal import DamageReport, Entry, read_entries
-from ranklog.wire import journaled_record_decoder
 
 _log = logging.getLogger(__name__)
 _RETRY_AFTER = 1.0

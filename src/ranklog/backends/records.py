@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from ranklog.backends.protocol import OFFSET_ATTR, START_ATTR
 
 if TYPE_CHECKING:
+    from ranklog.backends.journaled import RecordMap
     from ranklog.envelope import RecordEnvelope
-    from ranklog.wire import RecordMap
 
 # Every attribute LogRecord.__init__ sets, as it sets them for a record with no source
 # location; build_record fills in the rest. Copying it costs a third of what __init__ does.
@@ -23,8 +23,9 @@ def build_record(envelope: RecordEnvelope | RecordMap, start: int, end: int) -> 
     """The LogRecord a rank logged, with its origin as attributes.
 
     ``envelope`` is a decoded record: the typed struct of
-    :class:`ranklog.envelope.RecordEnvelope`, or a :class:`ranklog.wire.RecordMap` (the
-    same names, as keys) for a record the struct does not take.
+    :class:`ranklog.envelope.RecordEnvelope`, or a
+    :class:`ranklog.backends.journaled.RecordMap` (the same names, as keys) for a record the
+    struct does not take.
     ``start`` and ``end`` are where the record's entry lies in the journal: backends and
     their policies use them to know what they already wrote, and where to resume.
     """

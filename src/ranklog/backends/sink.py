@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ranklog.backends.journaled import decode_journaled_map, decode_journaled_record
 from ranklog.backends.protocol import (
     EnvelopeItem,
     HasExitTeardown,
@@ -30,11 +31,10 @@ from ranklog.backends.protocol import (
 from ranklog.backends.records import build_record
 from ranklog.backends.route import Route
 from ranklog.reporting import ReportOnce
-from ranklog.wire import decode_journaled_map, decode_journaled_record
 
 if TYPE_CHECKING:
+    from ranklog.backends.journaled import RecordMap
     from ranklog.envelope import RecordEnvelope
-    from ranklog.wire import RecordMap
 
 _log = logging.getLogger(__name__)
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
-import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -16,8 +13,10 @@ from typing import Any
 from ranklog.backends.owned_files import OwnedFiles
 from ranklog.backends.protocol import OFFSET_ATTR, follow_job, job_of
 from ranklog.backends.wandb_log import (
-    HEADER_BYTES,
+    logged_through,
+    remove_empty_logs,
     settle,
+    teardown_within,
     wait_finished,
     wait_service_gone,
 )
@@ -116,10 +115,8 @@ class WandbHandler(logging.Handler):
         """Records dropped for a step lower than one already logged."""
         return self._report["out-of-order"]
 
-    @staticmethod
-    def teardown_within(timeout: float) -> bool:
-        """W&B's exit work, bounded (see :func:`teardown_within`)."""
-        return teardown_within(timeout)
+    #: W&B's exit work, bounded (``HasExitTeardown``; ``wandb_log.teardown_within``).
+    teardown_within = staticmethod(teardown_within)
 
     @property
     def run(self) -> Any:
@@ -239,17 +236,8 @@ class WandbHandler(logging.Handler):
         self._finish_run()
         self._resume_id = self._runs.get(_job_key(job))
         self._resuming = self._resume_id is not None
-        self._written_through = self._logged_through(self._resume_id)
+        self._written_through = logged_through(self._wandb_dir, self._resume_id)
         self._sync_file, self._last_step, self._last_offset, self._marks = None, None, None, []
-
-    def _logged_through(self, run_id: str | None) -> int | None:
-        """The last step the logs of run ``run_id`` hold (None if none)."""
-        if run_id is None or self._wandb_dir is None:
-            return None
-        from ranklog.backends.wandb_log import last_step
-
-        logs = self._wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb")
-        return max((step for step in map(last_step, logs) if step is not None), default=None)
 
     def _announce(self) -> None:
         """Have the collector record the run now, not at its next checkpoint (best effort:
@@ -291,8 +279,7 @@ class WandbHandler(logging.Handler):
         self.job = state.get("job", _FIRST)
         if state.get("wandb_dir"):
             self._wandb_dir = Path(state["wandb_dir"])
-        run_id = state["run_id"]
-        self._resume_id = run_id
+        self._resume_id = run_id = state["run_id"]
         self._resuming = run_id is not None
         if state.get("sync_file"):
             self._sync_file = state["sync_file"]
@@ -305,8 +292,8 @@ class WandbHandler(logging.Handler):
         if self._sync_file:
             settle(Path(self._sync_file))
         if service_gone:  # else it may be writing the log's first block still
-            _remove_empty_logs(self._wandb_dir, run_id)
-        self._written_through = self._logged_through(run_id)
+            remove_empty_logs(self._wandb_dir, run_id)
+        self._written_through = logged_through(self._wandb_dir, run_id)
         if self._written_through is None and not self._sync_file:
             return None  # no row logged: the checkpoint's offset holds
         self._marks = [(int(step), int(offset)) for step, offset in state.get("marks", [])]
@@ -347,33 +334,3 @@ class WandbHandler(logging.Handler):
 
 def _job_key(job: str | None) -> str:
     return "" if job is None else str(job)
-
-
-def teardown_within(timeout: float) -> bool:
-    """Let wandb's service write out what it still holds, waiting at most ``timeout`` s.
-
-    wandb does this itself at interpreter exit. A collector that must leave with
-    ``os._exit`` (because some backend hung) calls this first, so that a healthy W&B run is
-    complete on disk; the bound keeps a hung W&B from holding the exit. Returns whether it
-    finished in time (True when wandb was never imported).
-    """
-    wandb = sys.modules.get("wandb")
-    if wandb is None:
-        return True
-    worker = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return not worker.is_alive()
-
-
-def _remove_empty_logs(wandb_dir: Path, run_id: str) -> None:
-    """Remove the run's folders whose log has no header: wandb.init created them, then a
-    crash or power cut came before W&B's service wrote anything durable. Left there, they
-    would make ``wandb sync`` fail. (A checkpoint never lists such a log with a size.)"""
-    for log in wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb"):
-        try:
-            if log.stat().st_size < HEADER_BYTES:
-                shutil.rmtree(log.parent)
-                _log.info("backend wandb: removed %s: a crash left its log empty", log.parent)
-        except OSError as exc:
-            _log.warning("backend wandb: could not remove the empty %s (%s)", log.parent, exc)

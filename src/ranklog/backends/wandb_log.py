@@ -5,18 +5,24 @@ blocks of chunks, each ``crc32 (4, little-endian) | length (2) | type (1) | data
 being zlib's CRC-32 of the type byte and the data; a record is one FULL chunk or FIRST,
 MIDDLE..., LAST. wandb no longer ships a Python reader. The collector uses this to learn how
 far an offline run got before a crash and when a finished run is complete on disk; the
-tests use it to read runs back.
+tests use it to read runs back. Beside it, what the backend does with W&B's logs and
+service on disk: how far a run got, its empty logs, W&B's exit work.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import struct
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_log = logging.getLogger("ranklog.backends.wandb")  # its lines read as the backend's
 _HEADER = struct.Struct("<4sHB")
 _CHUNK = struct.Struct("<IHB")
 _IDENT, _MAGIC = b":W&B", 0xBEE1
@@ -145,3 +151,41 @@ def settle(log: Path, quiet: float = 0.5, timeout: float = 10.0) -> None:
         elif time.monotonic() - still_since >= quiet:
             return
         time.sleep(0.05)
+
+
+def logged_through(wandb_dir: Path | None, run_id: str | None) -> int | None:
+    """The last step the logs of run ``run_id`` under ``wandb_dir`` hold (None if none)."""
+    if run_id is None or wandb_dir is None:
+        return None
+    logs = wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb")
+    return max((step for step in map(last_step, logs) if step is not None), default=None)
+
+
+def teardown_within(timeout: float) -> bool:
+    """Let wandb's service write out what it still holds, waiting at most ``timeout`` s.
+
+    wandb does this itself at interpreter exit. A collector that must leave with
+    ``os._exit`` (because some backend hung) calls this first, so that a healthy W&B run is
+    complete on disk; the bound keeps a hung W&B from holding the exit. Returns whether it
+    finished in time (True when wandb was never imported).
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return True
+    worker = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return not worker.is_alive()
+
+
+def remove_empty_logs(wandb_dir: Path, run_id: str) -> None:
+    """Remove the run's folders whose log has no header: wandb.init created them, then a
+    crash or power cut came before W&B's service wrote anything durable. Left there, they
+    would make ``wandb sync`` fail. (A checkpoint never lists such a log with a size.)"""
+    for log in wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb"):
+        try:
+            if log.stat().st_size < HEADER_BYTES:
+                shutil.rmtree(log.parent)
+                _log.info("backend wandb: removed %s: a crash left its log empty", log.parent)
+        except OSError as exc:
+            _log.warning("backend wandb: could not remove the empty %s (%s)", log.parent, exc)

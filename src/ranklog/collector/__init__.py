@@ -8,12 +8,16 @@ backends' process that follows the journal.
 - ``router``: the ROUTER socket and its CURVE authenticator.
 - ``store``: the journal, what was accepted into it, and the backends' process.
 - ``peers``: the rank table and per-incarnation de-duplication.
-- ``liveness``: silent ranks and the exit rule; ``events``: the events file, the status line.
+- ``liveness``: silent ranks and the exit rule; ``events``: the events file; ``stats``: the
+  counters and the status line; ``joins``: ranks joining, said in one line per burst.
+- ``launch``: launch mistakes (a rank claimed twice, world sizes that differ); ``hung``: a
+  job no rank steps in; ``alerts``: warnings to rank 0's terminal.
 - ``spills``: ingesting what ranks spilled at exit; ``ownership``: which collector serves an
   output dir, and whether the last one stopped cleanly.
 - ``cadence``: a rank's step cadence, O(1) per record; ``progress``: rates, stalls and
   straggler scores, once a second.
 - ``status``: the job as ``ranklog top`` and ``/metrics`` see it; ``top``: ``ranklog top``;
   ``prometheus``: the ``/metrics`` endpoint.
-- ``backend_process``: the handle on the backends' process; ``cli``: the command line.
+- ``backend_process``: the handle on the backends' process; ``cli``: the command line,
+  ``flags``: its flags.
 """

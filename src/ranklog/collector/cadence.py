@@ -9,7 +9,10 @@ a rank that stops stepping sees its rate fall.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ranklog.envelope import AnyRecord
 
 WINDOW = 30.0  # seconds of the rank's clock that a step rate looks back over
 MIN_SPAN = 3.0  # seconds of stepping before a rate (and a score) is given
@@ -31,7 +34,7 @@ class Cadence:
         self.time = 0.0  # the rank's clock when ``step`` was logged
         self.advanced_at: float | None = None  # the collector's clock, likewise
         self.samples: deque[tuple[float, int]] = deque(maxlen=int(2 * WINDOW / _SAMPLE_EVERY))
-        self.values: dict[str, Any] = {}
+        self.values: dict[str, object] = {}
         self.watched: list[str] = []
         self.rate: float | None = None
         self.best = 0.0
@@ -40,16 +43,16 @@ class Cadence:
         self.stalled_at: float | None = None
         self.slow_checks = 0  # checks in a row as a straggler; -1 once said
 
-    def record(self, envelope: dict[str, Any], seen_at: float) -> None:
+    def record(self, record: AnyRecord, seen_at: float) -> None:
         """One accepted record, received at ``seen_at`` (collector clock)."""
-        step = envelope["step"]
+        step = record.step
         if step is not None and (self.step is None or step > self.step):
-            self.step, self.time, self.advanced_at = step, envelope["time"], seen_at
+            self.step, self.time, self.advanced_at = step, record.time, seen_at
             if not self.samples or self.time - self.samples[-1][0] >= _SAMPLE_EVERY:
                 self.samples.append((self.time, step))
         if self.watched:
-            msg = envelope["msg"]
-            if type(msg) is dict and not envelope["hparams"]:
+            msg = record.msg
+            if type(msg) is dict and not record.hparams:
                 for name in self.watched:
                     value = msg.get(name)
                     if value is not None:

@@ -7,8 +7,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 from ranklog.collector import ownership
 from ranklog.collector.launch import LaunchCheck
@@ -168,53 +168,20 @@ class Collector:
     >>> with Collector("tcp://127.0.0.1:5555", output_dir="logs") as collector:  # doctest: +SKIP
     ...     ...  # ranks log; records land in logs/*.jsonl
 
-    ``logger_types`` picks InstructLab's backends (``async``, ...); ``config`` instead names
-    a dictConfig YAML/JSON file whose handlers run here. With ``exit_when_done`` the collector
-    stops once every one of ``world_size`` ranks said goodbye or stayed silent for
-    ``silence_timeout`` seconds. Binding TCP beyond loopback needs ``allow_remote``.
-    ``policy`` (``"tensorboard=mean,wandb=rank0"``) picks each backend's rank policy; a
-    reducing one waits ``policy_timeout`` seconds for missing ranks. The defaults are
-    :mod:`ranklog.collector.settings`'.
+    Takes a whole :class:`~ranklog.collector.settings.ServeSettings`, or the endpoint and
+    any of its fields and :class:`~ranklog.collector.settings.BackendSettings`' as keywords
+    (an unknown one is a TypeError), their defaults for the rest. ``logger_types`` picks
+    InstructLab's backends (``async``, ...); ``config`` instead names a dictConfig YAML/JSON
+    file whose handlers run here. With ``exit_when_done`` the collector stops once every one
+    of ``world_size`` ranks said goodbye or stayed silent for ``silence_timeout`` seconds.
+    Binding TCP beyond loopback needs ``allow_remote``. ``policy``
+    (``"tensorboard=mean,wandb=rank0"``) picks each backend's rank policy; a reducing one
+    waits ``policy_timeout`` seconds for missing ranks.
     """
 
-    def __init__(
-        self,
-        bind: str = ServeSettings.bind,
-        *,
-        output_dir: str | Path = BackendSettings.output_dir,
-        logger_types: str | list[str] = BackendSettings.logger_types,
-        run_name: str | None = BackendSettings.run_name,
-        config: str | Path | None = BackendSettings.config,
-        world_size: int | None = BackendSettings.world_size,
-        exit_when_done: bool = ServeSettings.exit_when_done,
-        silence_timeout: float = ServeSettings.silence_timeout,
-        drain_timeout: float = BackendSettings.drain_timeout,
-        status_interval: float = ServeSettings.status_interval,
-        allow_remote: bool = ServeSettings.allow_remote,
-        policy: str | Mapping[str, str] | None = BackendSettings.policy,
-        policy_timeout: float = BackendSettings.policy_timeout,
-        curve_secret: str | Path | None = ServeSettings.curve_secret,
-        curve_allow: str | Path | None = ServeSettings.curve_allow,
-    ) -> None:
-        backends = BackendSettings(
-            output_dir=output_dir,
-            logger_types=logger_types,
-            run_name=run_name,
-            config=config,
-            world_size=world_size,
-            policy=policy,
-            policy_timeout=policy_timeout,
-            drain_timeout=drain_timeout,
-        )
-        self.settings = ServeSettings(
-            backends,
-            bind=bind,
-            exit_when_done=exit_when_done,
-            silence_timeout=silence_timeout,
-            status_interval=status_interval,
-            allow_remote=allow_remote,
-            curve_secret=Path(curve_secret) if curve_secret else None,
-            curve_allow=Path(curve_allow) if curve_allow else None,
+    def __init__(self, bind: str | ServeSettings = ServeSettings.bind, **options: Any) -> None:
+        self.settings = (
+            bind if isinstance(bind, ServeSettings) else ServeSettings.of(bind=bind, **options)
         )
         self.endpoint: str | None = None  # what it bound, once it listens
         self.exit_code: int | None = None

@@ -41,54 +41,54 @@ class JobStall:
         self.floor = floor
         self._learn(None)
 
-    def _learn(self, run: str | None) -> None:
-        """Start on ``run``: a new job learns its cadence anew."""
-        self.run = run
+    def _learn(self, job: str | None) -> None:
+        """Start on ``job``: a new job learns its cadence anew."""
+        self.job = job
         self.stalled_at: float | None = None  # when job_stalled was said
         self.last_step_at: float | None = None  # when any rank of the job last stepped
         self.longest_pause = 0.0
 
-    def threshold(self, job: dict[int, Peer]) -> float:
-        """Seconds without a step that make ``job`` hung."""
-        best = max((peer.progress.best for peer in job.values()), default=0.0)
+    def threshold(self, ranks: dict[int, Peer]) -> float:
+        """Seconds without a step that make the job of ``ranks`` hung."""
+        best = max((peer.progress.best for peer in ranks.values()), default=0.0)
         interval = 1.0 / best if best > 0 else 0.0
         return max(self.floor, INTERVALS * interval, PAUSES * self.longest_pause)
 
-    def check(self, run: str | None, job: dict[int, Peer], now: float) -> list[Event]:
-        if run != self.run:
-            self._learn(run)
-        if self.floor <= 0 or not job:
+    def check(self, job: str | None, ranks: dict[int, Peer], now: float) -> list[Event]:
+        if job != self.job:
+            self._learn(job)
+        if self.floor <= 0 or not ranks:
             return []
-        last = max((p.progress.advanced_at or 0.0 for p in job.values()), default=0.0)
+        last = max((p.progress.advanced_at or 0.0 for p in ranks.values()), default=0.0)
         events = []
         if self.last_step_at is not None and last > self.last_step_at:
             self.longest_pause = max(self.longest_pause, last - self.last_step_at)
             if self.stalled_at is not None:
-                events.append(self._resumed(job, now))
+                events.append(self._resumed(ranks, now))
         self.last_step_at = last
-        if self.stalled_at is None and _all_heard(job) and now - last >= self.threshold(job):
-            events.append(self._stalled(job, now, last))
+        if self.stalled_at is None and _all_heard(ranks) and now - last >= self.threshold(ranks):
+            events.append(self._stalled(ranks, now, last))
         return events
 
-    def _stalled(self, job: dict[int, Peer], now: float, last: float) -> Event:
+    def _stalled(self, ranks: dict[int, Peer], now: float, last: float) -> Event:
         self.stalled_at = now
-        step = max(p.progress.step or 0 for p in job.values())
-        threshold = self.threshold(job)
+        step = max(p.progress.step or 0 for p in ranks.values())
+        threshold = self.threshold(ranks)
         _log.warning(
             "job %s looks hung: all %d ranks are heard but none has stepped for %.0fs "
             "(at step %d; its rule: %.0fs without a step); look for a rank stuck inside a "
             "step or a collective (py-spy dump --pid PID)",
-            self.run, len(job), now - last, step, threshold,
+            self.job, len(ranks), now - last, step, threshold,
         )  # fmt: skip
-        return event("job_stalled", run=self.run, step=step, ranks=len(job),
+        return event("job_stalled", run=self.job, step=step, ranks=len(ranks),
                      seconds=round(now - last, 1), threshold=round(threshold, 1))  # fmt: skip
 
-    def _resumed(self, job: dict[int, Peer], now: float) -> Event:
+    def _resumed(self, ranks: dict[int, Peer], now: float) -> Event:
         stalled_for = now - (self.stalled_at or now)
         self.stalled_at = None
-        step = max(p.progress.step or 0 for p in job.values())
-        _log.warning("job %s is stepping again (step %d)", self.run, step)
-        return event("job_resumed", run=self.run, step=step, after_stall=round(stalled_for, 1))
+        step = max(p.progress.step or 0 for p in ranks.values())
+        _log.warning("job %s is stepping again (step %d)", self.job, step)
+        return event("job_resumed", run=self.job, step=step, after_stall=round(stalled_for, 1))
 
     def stalled_for(self, now: float) -> float | None:
         """Seconds since the job's last step while it counts as hung; else None."""
@@ -97,10 +97,10 @@ class JobStall:
         return round(now - self.last_step_at, 1)
 
 
-def _all_heard(job: dict[int, Peer]) -> bool:
+def _all_heard(ranks: dict[int, Peer]) -> bool:
     """Every rank of the job is here and heard, none finished, each has stepped."""
-    world_size = max(peer.world_size for peer in job.values())
-    return len(job) >= world_size and all(
+    world_size = max(peer.world_size for peer in ranks.values())
+    return len(ranks) >= world_size and all(
         not peer.silent and not peer.finished and peer.progress.step is not None
-        for peer in job.values()
+        for peer in ranks.values()
     )

@@ -1,7 +1,7 @@
 """Launch mistakes the collector can see, named once each in its log, in ``events.jsonl``
 and in ``ranklog top``'s state column:
 
-- two live processes that claim the same (run, rank): a rank or a node started twice, or
+- two live processes that claim the same (job, rank): a rank or a node started twice, or
   ranks given the wrong ``RANK``; their records would land in one file, interleaved;
 - ranks whose world size differs from ``--world-size`` or from each other's.
 
@@ -71,9 +71,9 @@ class LaunchCheck:
         claims: dict[tuple[str, int], list[Peer]] = {}
         for peer in self.ranks:
             if peer.live and not peer.silent and not peer.finished:
-                claims.setdefault((peer.run, peer.rank), []).append(peer)
+                claims.setdefault((peer.job, peer.rank), []).append(peer)
         events = []
-        for (run, rank), peers in claims.items():
+        for (job, rank), peers in claims.items():
             if len(peers) < 2:
                 continue
             joined = max(peer.joined_at for peer in peers)  # the newest claim
@@ -83,18 +83,18 @@ class LaunchCheck:
             for peer in alive:
                 others = ", ".join(f"{p.host} pid {p.pid}" for p in alive if p is not peer)
                 self._mark(peer, f"rank {rank} twice: also {others}")
-            key = ("duplicate", run, rank, frozenset(p.inc for p in alive))
+            key = ("duplicate", job, rank, frozenset(p.incarnation for p in alive))
             if key in self._reported:
                 continue
             self._reported.add(key)
-            processes = " and ".join(f"host {p.host} pid {p.pid}" for p in alive)
+            who = " and ".join(f"host {p.host} pid {p.pid}" for p in alive)
             _log.warning(
                 "two live processes claim rank %d of job %s: %s; their records land in one "
                 "file, interleaved. Was a rank or a node started twice?",
-                rank, run, processes,
+                rank, job, who,
             )  # fmt: skip
-            events.append(event("rank_claimed_twice", run=run, rank=rank,
-                                processes=[[p.host, p.pid, p.inc] for p in alive]))  # fmt: skip
+            processes = [[p.host, p.pid, p.incarnation] for p in alive]
+            events.append(event("rank_claimed_twice", run=job, rank=rank, processes=processes))
         return events
 
     def _world_sizes(self) -> list[Event]:

@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ranklog.collector.cadence import Cadence
 
+if TYPE_CHECKING:
+    from ranklog.envelope import Message
+
 
 class SeqTracker:
-    """Accepted seqs of one (run, rank, incarnation): a contiguous prefix plus stragglers.
+    """Accepted seqs of one (job, rank, incarnation): a contiguous prefix plus stragglers.
 
     ``contiguous`` is the highest seq such that every seq up to it was accepted, or given up
     by the rank (its reported ``base`` says nothing below it will come again). That is the
@@ -62,7 +65,14 @@ class SeqTracker:
         return tracker
 
 
-PeerKey = tuple[str, int, str]  # (run id, rank, incarnation)
+PeerKey = tuple[str, int, str]  # (job, rank, incarnation)
+
+
+def peer_key(message: Message) -> PeerKey:
+    """The key of the rank incarnation that sent (or is acknowledged by) ``message``."""
+    return (message.run, message.rank, message.inc)
+
+
 # Incarnations the table holds: about 2 KB each. Past this, the one to go is one from an
 # earlier collector run or silent, else one that never sent a record, else the one heard
 # longest ago: a made-up flood evicts itself, and a real rank always gets in.
@@ -86,13 +96,13 @@ class Peer:
     spilled: int = 0  # records its goodbye says it left in a spill file (ingested later)
     last_step: int | None = None
     silent: bool = False
-    run: str = ""  # the job: set by RankTable.add from the key
+    job: str = ""  # the job id: set by RankTable.add from the key
     progress: Cadence = field(default_factory=Cadence)
     # Heard by this collector run, not only read back from the journal: an earlier job's
     # ranks (whose goodbyes the journal still holds) never decide when this job is done.
     live: bool = False
     recorded: bool = False  # sent a record or a goodbye (else the first to be evicted)
-    inc: str = ""  # the incarnation: set by RankTable.add from the key
+    incarnation: str = ""  # set by RankTable.add from the key
     joined_at: float = 0.0  # when this collector run first heard it
     mistake: str = ""  # a launch mistake it is part of (ranklog.collector.launch), if any
 
@@ -133,7 +143,7 @@ class RankTable:
         """Add ``peer`` as the most recently heard, evicting one if the table is full."""
         while len(self._peers) >= self.capacity:
             self._evict(self._victim())
-        peer.run, peer.inc = key[0], key[2]
+        peer.job, peer.incarnation = key[0], key[2]
         peer.progress.watched = self.watched
         self._peers[key] = peer
         self._by_rank.setdefault(peer.rank, {})[key] = peer
@@ -181,23 +191,25 @@ class RankTable:
     def from_state(cls, rows: list[list[Any]], now: float) -> RankTable:
         """The table a snapshot kept; each incarnation last seen ``now``, not live."""
         table = cls()
-        for run, rank, inc, world_size, host, pid, seqs, goodbye, dropped, converted, step in rows:
+        for row in rows:
+            job, rank, incarnation, world_size, host, pid = row[:6]
+            seqs, goodbye, dropped, converted, step = row[6:]
             peer = Peer(rank=rank, world_size=world_size, host=host, pid=pid, last_seen=now,
                         recorded=True)  # fmt: skip
             peer.tracker = SeqTracker.from_state(seqs)
             peer.goodbye_seq, peer.last_step = goodbye, step
             peer.dropped, peer.converted = dropped, converted
-            table.add((run, rank, inc), peer)
+            table.add((job, rank, incarnation), peer)
         return table
 
     def resume_latest_job(self) -> str | None:
         """A killed collector's job goes on in this run: its incarnations (the job heard
-        last) count as heard here, goodbyes included. Returns that job's run id."""
+        last) count as heard here, goodbyes included. Returns that job."""
         if not self._peers:
             return None
-        latest = next(reversed(self._peers.values())).run
+        latest = next(reversed(self._peers.values())).job
         for peer in self._peers.values():
-            if peer.run == latest:
+            if peer.job == latest:
                 peer.live = True
         return latest
 

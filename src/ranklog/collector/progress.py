@@ -38,18 +38,18 @@ _CAUGHT_UP = 0.9  # relative score at which a straggler counts as caught up
 
 
 def current_job(ranks: Iterable[Peer]) -> tuple[str | None, dict[int, Peer]]:
-    """The job (run id) heard from last, and its latest incarnation of each rank."""
+    """The job heard from last, and its latest incarnation of each rank."""
     live = [peer for peer in ranks if peer.live]
     if not live:
         return None, {}
-    run = max(live, key=lambda peer: peer.last_seen).run
+    job = max(live, key=lambda peer: peer.last_seen).job
     latest: dict[int, Peer] = {}
     for peer in live:
-        if peer.run == run and (
+        if peer.job == job and (
             peer.rank not in latest or peer.last_seen > latest[peer.rank].last_seen
         ):
             latest[peer.rank] = peer
-    return run, dict(sorted(latest.items()))
+    return job, dict(sorted(latest.items()))
 
 
 def state(peer: Peer) -> str:
@@ -75,19 +75,19 @@ class Progress:
         self.ranks = ranks
         self.stall_timeout = stall_timeout
         self.hung = JobStall(job_stall_timeout)
-        self.run: str | None = None
-        self.job: dict[int, Peer] = {}
+        self.job: str | None = None
+        self.job_ranks: dict[int, Peer] = {}  # the job's latest incarnation of each rank
 
     def check(self, now: float) -> list[Event]:
         """Update rates and scores (call it about once a second); the stall events."""
-        self.run, self.job = current_job(self.ranks)
-        running = [peer for peer in self.job.values() if not peer.finished]
+        self.job, self.job_ranks = current_job(self.ranks)
+        running = [peer for peer in self.job_ranks.values() if not peer.finished]
         for peer in running:
             if peer.progress.advanced_at is None:
                 peer.progress.advanced_at = now  # stepping is measured from when it joined
             peer.progress.update_rate(now)
         best = max((p.progress.rate or 0.0 for p in running if not p.silent), default=0.0)
-        for peer in self.job.values():
+        for peer in self.job_ranks.values():
             rate = peer.progress.rate
             peer.progress.relative = None if rate is None or best <= 0 else min(1.0, rate / best)
         events = []
@@ -97,7 +97,7 @@ class Progress:
                 if peer.progress.stalled_at is not None:
                     peer.progress.relative = peer.progress.individual = 0.0
             events += self._stragglers(running)
-        return events + self.hung.check(self.run, self.job, now)
+        return events + self.hung.check(self.job, self.job_ranks, now)
 
     def _stragglers(self, running: list[Peer]) -> list[Event]:
         """A warning for each rank that has just fallen behind for good."""
@@ -125,7 +125,7 @@ class Progress:
         # A stalled rank that stepped again, up to its goodbye, resumed.
         events = [
             self._resumed(peer, now)
-            for peer in self.job.values()
+            for peer in self.job_ranks.values()
             if peer.progress.stalled_at is not None
             and (peer.progress.advanced_at or 0.0) > peer.progress.stalled_at
         ]
@@ -163,7 +163,7 @@ class Progress:
         """For the status line: the ranks well behind the best one, with their scores."""
         slow = {
             rank: round(peer.progress.relative, 2)
-            for rank, peer in self.job.items()
+            for rank, peer in self.job_ranks.items()
             if peer.progress.relative is not None and peer.progress.relative < 0.8
         }
         if not slow:

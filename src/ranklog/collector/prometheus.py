@@ -35,7 +35,7 @@ class RanklogCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self.source.latest
-        run = snapshot["run"] or ""
+        job = snapshot["run"] or ""
         yield CounterMetricFamily(
             "ranklog_records", "Records accepted (journaled) by the collector",
             value=snapshot["records_total"],
@@ -52,10 +52,10 @@ class RanklogCollector(Collector):
         for backend in snapshot["backends"]:
             lag.add_metric([backend["name"]], backend["lag_bytes"])
         yield lag
-        yield from _rank_families(snapshot["ranks"], run)
+        yield from _rank_families(snapshot["ranks"], job)
 
 
-def _rank_families(rows: list[dict[str, Any]], run: str) -> Iterator[Metric]:
+def _rank_families(rows: list[dict[str, Any]], job: str) -> Iterator[Metric]:
     labels = ["rank", "run"]
     step = GaugeMetricFamily("ranklog_rank_step", "The rank's latest step", labels=labels)
     rate = GaugeMetricFamily("ranklog_rank_steps_per_second", "Step rate", labels=labels)
@@ -75,7 +75,7 @@ def _rank_families(rows: list[dict[str, Any]], run: str) -> Iterator[Metric]:
         "ranklog_metric", "Latest value of an exported user metric", labels=["name", *labels]
     )
     for row in rows:
-        rank = [str(row["rank"]), run]
+        rank = [str(row["rank"]), job]
         if row["step"] is not None:
             step.add_metric(rank, row["step"])
         if row["steps_per_s"] is not None:

@@ -3,9 +3,10 @@
 >>> received = receive([(b"route", [frame])], ranks, stats, now)  # doctest: +SKIP
 >>> journal_them(received.frames); received.apply(stats); send(received.acks())  # doctest: +SKIP
 
-:func:`receive` decodes and validates each frame (:func:`ranklog.wire.decode`), rejects what
+:func:`receive` decodes and validates each frame (:func:`ranklog.wire.decode_message`, into
+the static types of ``ranklog.envelope``), rejects what
 is not a valid envelope with a counted reason, and de-duplicates records and goodbyes by
-(run, rank, incarnation, seq). Once the accepted frames are durable, :meth:`Received.apply`
+(job, rank, incarnation, seq). Once the accepted frames are durable, :meth:`Received.apply`
 accounts for them, and :meth:`Received.acks` says, per route, how far each rank is safe.
 """
 
@@ -14,13 +15,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ranklog.collector.events import Event, event
-from ranklog.collector.peers import Peer, PeerKey, RankTable
+from ranklog.collector.peers import Peer, PeerKey, RankTable, peer_key
 from ranklog.collector.stats import CollectorStats
+from ranklog.envelope import (
+    AckEnvelope,
+    AnyRecord,
+    FromRank,
+    GoodbyeEnvelope,
+    HeartbeatEnvelope,
+    HelloEnvelope,
+)
 from ranklog.errors import ProtocolError
-from ranklog.wire import ACK, GOODBYE, RECORD, decode, pack_ack
+from ranklog.wire import decode_message, pack_ack
 
 _log = logging.getLogger(__name__)
 
@@ -34,7 +42,7 @@ class Received:
     """What one batch of messages brought: new records and goodbyes, the routes to
     acknowledge, and the events to note."""
 
-    accepted: list[tuple[Peer, dict[str, Any], bytes]] = field(default_factory=list)
+    accepted: list[tuple[Peer, AnyRecord | GoodbyeEnvelope, bytes]] = field(default_factory=list)
     routes: dict[tuple[bytes, PeerKey], Peer] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     # Per incarnation, the highest seq received but not kept (the journal could not take
@@ -48,7 +56,7 @@ class Received:
     @property
     def records(self) -> int:
         """The accepted records, not counting goodbyes."""
-        return sum(envelope["kind"] == RECORD for _, envelope, _ in self.accepted)
+        return sum(type(message) is not GoodbyeEnvelope for _, message, _ in self.accepted)
 
     @property
     def frames(self) -> list[bytes]:
@@ -57,9 +65,9 @@ class Received:
 
     def apply(self, stats: CollectorStats) -> None:
         """Account for the accepted frames, once they are durable."""
-        for peer, envelope, _ in self.accepted:
+        for peer, message, _ in self.accepted:
             try:
-                self.events.extend(account(peer, envelope, stats))
+                self.events.extend(account(peer, message, stats))
             except Exception:  # one bad record must never stop the others
                 stats.rejected(
                     "internal-error",
@@ -67,6 +75,21 @@ class Received:
                     exc_info=True,
                     level=logging.ERROR,
                 )
+
+    def refuse(self) -> None:
+        """Accept nothing of this batch (the journal could not take it); the acks tell each
+        rank what it must send again.
+
+        Except a goodbye that says its rank spilled: that rank sends nothing again (it gave
+        up, its records are in its spill file), so it counts as finished now, and a full
+        disk does not keep the collector waiting for its silence after the job ended."""
+        for peer, message, _ in self.accepted:
+            if isinstance(message, GoodbyeEnvelope) and message.spilled:
+                self.events.extend(account(peer, message, CollectorStats()))
+                continue
+            key = peer_key(message)
+            self.refused[key] = max(self.refused.get(key, 0), message.seq)
+        self.accepted = []
 
     def acks(self) -> list[tuple[bytes, bytes]]:
         """``(route, ack frame)`` per rank incarnation heard from: its contiguous seq."""
@@ -109,30 +132,29 @@ def receive(
 def _receive_frame(
     route: bytes, frame: bytes, ranks: RankTable, stats: CollectorStats, now: float, into: Received
 ) -> None:
-    envelope = decode(frame)
-    kind = envelope["kind"]
-    if kind == ACK:
+    message = decode_message(frame)
+    if isinstance(message, AckEnvelope):
         raise ProtocolError("unexpected-kind", "a rank sent an ack")
-    key = (envelope["run"], envelope["rank"], envelope["inc"])
+    key = peer_key(message)
     routed, peer = into._last
     if routed is None or routed[1] != key or routed[0] != route:
-        peer = _heard(route, key, envelope, ranks, stats, now, into)
+        peer = _heard(route, key, message, ranks, stats, now, into)
     assert peer is not None
-    if kind in (RECORD, GOODBYE):
-        seq = envelope["seq"]
-        if peer.tracker.seen(seq) or (key, seq) in into._seen:
-            stats.duplicates += 1
-            return
-        into._seen.add((key, seq))
-        into.accepted.append((peer, envelope, frame))
-    else:
-        _note_counters(peer, envelope)
+    if isinstance(message, (HelloEnvelope, HeartbeatEnvelope)):
+        _note_counters(peer, message)
+        return
+    seq = message.seq
+    if peer.tracker.seen(seq) or (key, seq) in into._seen:
+        stats.duplicates += 1
+        return
+    into._seen.add((key, seq))
+    into.accepted.append((peer, message, frame))
 
 
 def _heard(
     route: bytes,
     key: PeerKey,
-    envelope: dict[str, Any],
+    message: FromRank,
     ranks: RankTable,
     stats: CollectorStats,
     now: float,
@@ -142,7 +164,7 @@ def _heard(
     routed."""
     peer = ranks.get(key)
     if peer is None:
-        peer = ranks.add(key, _new_peer(envelope))
+        peer = ranks.add(key, _new_peer(message))
         peer.joined_at = now
         stats.joins.joined(peer)
     else:
@@ -159,43 +181,39 @@ def _heard(
     return peer
 
 
-def _new_peer(envelope: dict[str, Any]) -> Peer:
+def _new_peer(message: FromRank) -> Peer:
     return Peer(
-        rank=envelope["rank"],
-        world_size=envelope["world_size"],
-        host=envelope["host"],
-        pid=envelope["pid"],
+        rank=message.rank, world_size=message.world_size, host=message.host, pid=message.pid
     )
 
 
-def _note_counters(peer: Peer, envelope: dict[str, Any]) -> None:
-    peer.dropped = max(peer.dropped, envelope["dropped"])
-    peer.converted = max(peer.converted, envelope["converted"])
-    resent = envelope.get("resent", 0)  # from ranks that report it
-    if type(resent) is int:
-        peer.resent = max(peer.resent, resent)
-    spilled = envelope.get("spilled", 0)  # a goodbye's
-    if type(spilled) is int and spilled > peer.spilled:
-        peer.spilled = spilled
-    peer.tracker.skip_below(envelope["base"])
+def _note_counters(
+    peer: Peer, message: HelloEnvelope | HeartbeatEnvelope | GoodbyeEnvelope
+) -> None:
+    peer.dropped = max(peer.dropped, message.dropped)
+    peer.converted = max(peer.converted, message.converted)
+    peer.resent = max(peer.resent, message.resent)  # 0 from ranks that do not report it
+    if isinstance(message, GoodbyeEnvelope) and message.spilled > peer.spilled:
+        peer.spilled = message.spilled
+    peer.tracker.skip_below(message.base)
 
 
 def account(
-    peer: Peer, envelope: dict[str, Any], stats: CollectorStats, *, live: bool = True
+    peer: Peer, message: AnyRecord | GoodbyeEnvelope, stats: CollectorStats, *, live: bool = True
 ) -> list[Event]:
     """Account for one journaled record or goodbye (live, or read back after a restart).
     The backends read the record itself from the journal."""
-    peer.tracker.accept(envelope["seq"])
+    peer.tracker.accept(message.seq)
     peer.recorded = True
-    if envelope["kind"] == RECORD:
+    if not isinstance(message, GoodbyeEnvelope):
         stats.accepted += 1
-        if envelope["step"] is not None:
-            peer.last_step = envelope["step"]
+        if message.step is not None:
+            peer.last_step = message.step
         if live:
-            peer.progress.record(envelope, peer.last_seen)
+            peer.progress.record(message, peer.last_seen)
         return []
-    peer.goodbye_seq = envelope["seq"]
-    _note_counters(peer, envelope)
+    peer.goodbye_seq = message.seq
+    _note_counters(peer, message)
     if not live:
         return []
     _log.info(
@@ -213,14 +231,16 @@ def recover(frames: Iterable[bytes], ranks: RankTable, stats: CollectorStats, no
     total = 0
     for frame in frames:
         try:
-            envelope = decode(frame)
+            message = decode_message(frame)
         except ProtocolError:
             continue
-        key = (envelope["run"], envelope["rank"], envelope["inc"])
+        if isinstance(message, (HelloEnvelope, HeartbeatEnvelope, AckEnvelope)):
+            continue  # the journal holds records and goodbyes only
+        key = peer_key(message)
         peer = ranks.get(key)
         if peer is None:
-            peer = ranks.add(key, _new_peer(envelope))
+            peer = ranks.add(key, _new_peer(message))
             peer.last_seen = now
-        account(peer, envelope, stats, live=False)
+        account(peer, message, stats, live=False)
         total += 1
     return total

@@ -1,7 +1,8 @@
 """What a collector is told: the one place its defaults are written.
 
 ``ranklog collect`` and ``ranklog replay`` take their flags' defaults from these fields, and
-so does :class:`~ranklog.collector.collector.Collector`'s constructor.
+:class:`~ranklog.collector.collector.Collector` takes them whole (or as keywords, through
+:meth:`ServeSettings.of`).
 
 >>> ServeSettings(BackendSettings(world_size=2), exit_when_done=True).silence_timeout
 60.0
@@ -12,8 +13,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from ranklog.endpoints import is_local_only
 from ranklog.errors import ConfigError
@@ -165,6 +167,21 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
         if self.exit_when_done and not self.backends.world_size:
             raise ConfigError("exit_when_done needs world_size: how many ranks to wait for")
+
+    @classmethod
+    def of(cls, **options: Any) -> ServeSettings:
+        """Settings from keywords: any field of this class or of :class:`BackendSettings`
+        (a path may be given as text); the rest keep their defaults."""
+        backend_fields = {f.name for f in fields(BackendSettings) if f.init}
+        unknown = options.keys() - backend_fields - {f.name for f in fields(cls) if f.init}
+        if unknown or "backends" in options:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown or {'backends'}))}")
+        backends = BackendSettings(**{k: v for k, v in options.items() if k in backend_fields})
+        serve = {k: v for k, v in options.items() if k not in backend_fields}
+        for name in ("curve_secret", "curve_allow"):
+            if serve.get(name):
+                serve[name] = Path(serve[name])
+        return cls(backends, **serve)
 
 
 DEFAULT_BIND = ServeSettings.bind

@@ -122,12 +122,12 @@ class Watch:
         if now - since >= _PUBLISH_EVERY / 2:
             rate = (stats.accepted - accepted) / (now - since)
             self._rate = (now, stats.accepted, rate)
-        job = self.progress.job
+        job = self.progress.job_ranks
         lead = max((p.progress.step for p in job.values() if p.progress.step is not None),
                    default=None)  # fmt: skip
         names = metrics if metrics is not None else list(self.export_metrics)
         return {
-            "run": self.progress.run,
+            "run": self.progress.job,
             "time": time.time(),
             "records_total": stats.accepted,
             "records_per_s": round(rate, 1),

@@ -12,7 +12,7 @@ import msgpack
 from ranklog.collector.backend_process import BackendProcess
 from ranklog.collector.events import EventLog, event
 from ranklog.collector.peers import RankTable
-from ranklog.collector.receive import Received, account, recover
+from ranklog.collector.receive import Received, recover
 from ranklog.collector.settings import BackendSettings
 from ranklog.collector.stats import CollectorStats, log_status
 from ranklog.journal import (
@@ -22,7 +22,6 @@ from ranklog.journal import (
     journal_path,
 )
 from ranklog.snapshots import latest_snapshot, snapshot_path, write_snapshot
-from ranklog.wire import GOODBYE
 
 _log = logging.getLogger(__name__)
 _JOURNAL_RETRY = 0.5  # seconds between tries of a journal that could not be written
@@ -34,22 +33,6 @@ def segment_bytes(retention: int) -> int:
     """A segment's size: :data:`SEGMENT_BYTES`, or a quarter of a smaller retention (so
     that retention deletes in steps small beside it), at least 1 MiB."""
     return max(_MIN_SEGMENT_BYTES, min(SEGMENT_BYTES, retention // 4))
-
-
-def _refuse(received: Received) -> bool:
-    """Accept nothing of ``received``; its acks tell each rank what it must send again.
-
-    Except a goodbye that says its rank spilled: that rank sends nothing again (it gave up,
-    its records are in its spill file), so it counts as finished now, and a full disk does
-    not keep the collector waiting for its silence after the job ended."""
-    for peer, envelope, _ in received.accepted:
-        if envelope["kind"] == GOODBYE and envelope.get("spilled"):
-            received.events.extend(account(peer, envelope, CollectorStats()))
-            continue
-        key = (peer.run, peer.rank, envelope["inc"])
-        received.refused[key] = max(received.refused.get(key, 0), envelope["seq"])
-    received.accepted.clear()
-    return False
 
 
 class Store:
@@ -162,7 +145,8 @@ class Store:
         and resend them."""
         kept = True
         if received.accepted and now < self._retry_at:
-            kept = _refuse(received)  # the disk was just full: let the ranks resend soon
+            received.refuse()  # the disk was just full: let the ranks resend soon
+            kept = False
         if received.accepted:
             try:
                 for frame in received.frames:
@@ -170,7 +154,8 @@ class Store:
                 self.journal.sync()
             except OSError as exc:
                 self._journal_failed(exc, now)
-                kept = _refuse(received)
+                received.refuse()
+                kept = False
             else:
                 self._journal_ok()
                 received.apply(self.stats)

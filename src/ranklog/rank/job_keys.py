@@ -51,8 +51,8 @@ class JobKeys:
         return path
 
 
-def key_folder(output_dir: Path, run_id: str) -> Path:
-    return output_dir / STATE_DIR / KEYS_DIR / run_id
+def key_folder(output_dir: Path, job: str) -> Path:
+    return output_dir / STATE_DIR / KEYS_DIR / job
 
 
 def collector_flags(folder: Path) -> list[str]:

@@ -1,10 +1,10 @@
 """The sender's thread and its DEALER socket: what goes over the wire, and when.
 
-A :class:`Link` sends batches from the outbox, reads acknowledgements, resends what the
-collector may not have (:mod:`ranklog.rank.resend`), says hello, heartbeat and goodbye, and
-samples system metrics if asked to (:mod:`ranklog.rank.system`). Its :class:`Sender` owns
-it, starts it and wakes it; the link never calls the sender: what they share while a sender
-ends is an :class:`~.ending.Ending`.
+A :class:`Link` sends batches from the outbox, reads acknowledgements (:mod:`.acks`),
+resends what the collector may not have (:mod:`ranklog.rank.resend`), says hello, heartbeat
+and goodbye, and samples system metrics if asked to (:mod:`ranklog.rank.system`). Its
+:class:`Sender` owns it, starts it and wakes it; the link never calls the sender: what they
+share while a sender ends is an :class:`~.ending.Ending`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ranklog.rank.acks import read_acks
 from ranklog.rank.encoder import RecordEncoder
 from ranklog.rank.ending import Ending, ending_step
 from ranklog.rank.identity import RankIdentity
@@ -28,7 +28,7 @@ from ranklog.rank.resend import RefusalNotice, ResendRule, SilenceNotice
 from ranklog.rank.settings import Lock, SenderConfig
 from ranklog.rank.system import SystemSampler, system_metrics_wanted
 from ranklog.rank.system import system_interval as system_interval_or_default
-from ranklog.wire import ACK, HEARTBEAT, HELLO
+from ranklog.wire import HEARTBEAT, HELLO
 
 # Waiting on a lone record's ack, the thread still looks at resends this often.
 _LONE_ACK_WAIT_MS = 100
@@ -321,38 +321,5 @@ class Link:
             sock.send(frame, zmq.NOBLOCK)
 
     def _read_acks(self, sock: zmq.Socket[Any]) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            for frame in frames:
-                ack = _ack_of(frame, self.identity.incarnation)
-                if ack is None:
-                    continue
-                seq, got = ack
-                advanced = self.outbox.ack(seq)
-                refused = got is not None and got > seq
-                self.resend.heard(time.monotonic(), advanced=advanced, refused=refused)
-                self.silence.heard()
-                if refused:
-                    self.refusal.refused()
-                elif advanced:
-                    self.refusal.kept()
-
-
-def _ack_of(frame: bytes, incarnation: str) -> tuple[int, int | None] | None:
-    """``(seq, got)`` of an acknowledgement for ``incarnation``; None for anything else."""
-    try:
-        ack = msgpack.unpackb(frame, raw=False)
-    except Exception:
-        return None
-    if not (
-        isinstance(ack, dict)
-        and ack.get("kind") == ACK
-        and ack.get("inc") == incarnation
-        and type(ack.get("seq")) is int
-    ):
-        return None
-    got = ack.get("got")
-    return ack["seq"], got if type(got) is int else None
+        incarnation = self.identity.incarnation
+        read_acks(sock, incarnation, self.outbox, self.resend, self.silence, self.refusal)

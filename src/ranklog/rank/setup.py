@@ -6,28 +6,17 @@ import difflib
 import inspect
 import logging
 import os
-import re
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ranklog.endpoints import ENDPOINT_ENV
 from ranklog.errors import ConfigError
 from ranklog.filters import FormatDictFilter, IsMappingFilter
 from ranklog.journal import spill_path
-from ranklog.names import (
-    BACKEND_NAMES,
-    BACKEND_OPTIONS,
-    check_run_name,
-    format_policy_spec,
-    near_backend,
-    parse_logger_types,
-    parse_policy_spec,
-)
-from ranklog.rank import job_keys
+from ranklog.rank import call_form, job_keys
+from ranklog.rank.call_form import Plan
 from ranklog.rank.embedded import COLLECTOR_LOG, EmbeddedCollector
 from ranklog.rank.handler import ZMQSocketHandler
 from ranklog.rank.identity import RankIdentity, derived_endpoint, detect_identity
@@ -79,19 +68,10 @@ def setup_metric_logger(
 ) -> ZMQSocketHandler | None:
     """Send ``logger_name``'s metric dicts to a collector that runs the backends.
 
-    Both of InstructLab's call forms work:
-
-    - the older ``setup_metric_logger(loggers, run_name, output_dir)``: ``loggers`` names the
-      backends (``"async,tensorboard,wandb"``, or a list);
-    - today's ``setup_metric_logger(output_dir, *, tensorboard_log_dir=..., wandb_project=...,
-      mlflow_tracking_uri=..., ...)``: JSONL (``async``) is always on, TensorBoard when
-      ``tensorboard_log_dir`` is given, W&B when ``wandb_project`` or ``WANDB_PROJECT`` is,
-      MLflow when a tracking URI or experiment name is (argument or ``MLFLOW_*``).
-
-    The rule: a first argument made only of backend names (a list, or a comma-separated
-    string with a known backend in it) is the older form, as is any call with a second
-    positional argument; anything else in first place is an output dir. With no first
-    argument, the InstructLab keywords above choose today's form.
+    Both of InstructLab's call forms work: the older ``setup_metric_logger(loggers,
+    run_name, output_dir)`` and today's ``setup_metric_logger(output_dir, *,
+    tensorboard_log_dir=..., wandb_project=..., ...)`` (:mod:`ranklog.rank.call_form` says
+    which backends each turns on, and how a call's form is told).
 
     With no ``endpoint`` (and no ``RANKLOG_ENDPOINT``), global rank 0 starts the collector
     as a child in its own session, bound where every rank of this job derives alike, and
@@ -110,24 +90,20 @@ def setup_metric_logger(
     _check_handler_arguments(handler_kwargs)
     options = {
         "tensorboard_log_dir": None if tensorboard_log_dir is None else str(tensorboard_log_dir),
-        "wandb_project": wandb_project,
-        "wandb_entity": wandb_entity,
-        "wandb_run_name": wandb_run_name,
-        "mlflow_tracking_uri": mlflow_tracking_uri,
-        "mlflow_experiment_name": mlflow_experiment_name,
-        "mlflow_run_name": mlflow_run_name,
-    }
-    plan = _plan(loggers, run_name, output_dir, options, policy, collector_args or [])
+        "wandb_project": wandb_project, "wandb_entity": wandb_entity,
+        "wandb_run_name": wandb_run_name, "mlflow_tracking_uri": mlflow_tracking_uri,
+        "mlflow_experiment_name": mlflow_experiment_name, "mlflow_run_name": mlflow_run_name,
+    }  # fmt: skip
+    plan = call_form.plan(loggers, run_name, output_dir, options, policy, collector_args or [])
     if plan is None:
         return None
     propagate_package_logs()
-    identity = detect_identity(
-        rank=handler_kwargs.get("rank"), world_size=handler_kwargs.get("world_size")
-    )
+    given = handler_kwargs.get
+    identity = detect_identity(rank=given("rank"), world_size=given("world_size"))
     explicit = endpoint or os.environ.get(ENDPOINT_ENV)
     if explicit:
         if identity.rank == 0:
-            _warn_unused(explicit, loggers, run_name, output_dir, options, policy)
+            call_form.warn_unused(explicit, loggers, run_name, output_dir, options, policy)
         handler_kwargs = {"spill_dir": spill_path(plan.output_dir), **handler_kwargs}
         return _attach(explicit, logger_name, level, handler_kwargs)
     return _embedded(identity, plan, logger_name, level, handler_kwargs)
@@ -150,7 +126,7 @@ def _check_handler_arguments(handler_kwargs: Mapping[str, Any]) -> None:
 
 def _embedded(
     identity: RankIdentity,
-    plan: _Plan,
+    plan: Plan,
     logger_name: str,
     level: int | str,
     handler_kwargs: dict[str, Any],
@@ -201,122 +177,6 @@ def _check_space(output_dir: Path) -> None:
         raise ConfigError(f"cannot write to the output dir {output_dir}: {exc.strerror}") from None
     finally:
         probe.unlink(missing_ok=True)
-
-
-@dataclass
-class _Plan:
-    """What the embedded collector is to run, from either call form."""
-
-    loggers: list[str]
-    run_name: str | None
-    output_dir: Path
-    options: dict[str, str | None]
-    policies: dict[str, str]
-    extra_args: list[str]
-
-    def collector_args(self) -> list[str]:
-        args = ["--logger-type", ",".join(self.loggers)]
-        if self.run_name is not None:
-            args += ["--run-name", self.run_name]
-        if self.policies:
-            args += ["--policy", format_policy_spec(self.policies)]
-        for key, value in self.options.items():
-            if value is not None and BACKEND_OPTIONS[key][0] in self.loggers:
-                args += [f"--{key.replace('_', '-')}", value]
-        return [*args, *self.extra_args]
-
-
-def _plan(
-    first: str | Sequence[str] | os.PathLike[str] | None,
-    run_name: str | None,
-    output_dir: str | os.PathLike[str] | None,
-    options: dict[str, str | None],
-    policy: str | Mapping[str, str] | None,
-    extra_args: list[str],
-) -> _Plan | None:
-    """Read either call form and check every name; None when no backend is asked for."""
-    if _is_backend_list(first) or run_name is not None:
-        if not first:
-            return None
-        loggers = parse_logger_types(first)  # type: ignore[arg-type]
-    else:
-        path = cast("str | os.PathLike[str] | None", first)  # not a list of backends
-        _check_not_a_typo(path)
-        if path is not None and output_dir is not None:
-            raise ConfigError(f"output dir given twice: {path!r} and output_dir={output_dir!r}")
-        today = path is not None or any(value is not None for value in options.values())
-        output_dir = path if path is not None else output_dir
-        loggers = _detected_backends(options) if today else ["async"]
-    check_run_name(run_name)
-    for key in ("wandb_run_name", "mlflow_run_name"):
-        check_run_name(options[key])
-    policies = parse_policy_spec(policy)  # a typo fails here, on the rank, not in the child
-    configured = "--config" in extra_args
-    missing = [name for name in policies if name not in loggers]
-    if missing and not configured:
-        raise ConfigError(
-            f"policy names backend(s) {', '.join(missing)} that are not among the loggers "
-            f"({', '.join(loggers)})"
-        )
-    return _Plan(loggers, run_name, Path(output_dir or "logs"), options, policies, list(extra_args))
-
-
-def _check_not_a_typo(path: object) -> None:
-    """A single word a typo away from a backend name (``"asynx"``) was meant as one; an
-    output dir of that name would be made silently. A path (``"./asynx"``, a ``Path``)
-    or ``output_dir="asynx"`` says it is a folder."""
-    if isinstance(path, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", path):
-        near = near_backend(path)
-        if near is not None:
-            raise ConfigError(
-                f"setup_metric_logger({path!r}): not a backend name; did you mean {near!r}? "
-                f"(for an output dir of that name pass './{path}' or output_dir={path!r})"
-            )
-
-
-def _is_backend_list(first: object) -> bool:
-    if isinstance(first, list | tuple):
-        return True
-    if not isinstance(first, str):
-        return False
-    names = [name.strip() for name in first.split(",")]
-    return any(name in BACKEND_NAMES for name in names) and (len(names) > 1 or "/" not in first)
-
-
-def _detected_backends(options: Mapping[str, str | None]) -> list[str]:
-    """Today's InstructLab: JSONL always, the others when their settings are there."""
-    loggers = ["async"]
-    if options["tensorboard_log_dir"]:
-        loggers.append("tensorboard")
-    if options["wandb_project"] or os.environ.get("WANDB_PROJECT"):
-        loggers.append("wandb")
-    mlflow_keys = ("mlflow_tracking_uri", "mlflow_experiment_name")
-    mlflow_env = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
-    if any(options[k] for k in mlflow_keys) or any(os.environ.get(k) for k in mlflow_env):
-        loggers.append("mlflow")
-    return loggers
-
-
-def _warn_unused(
-    endpoint: str,
-    loggers: object,
-    run_name: str | None,
-    output_dir: object,
-    options: Mapping[str, str | None],
-    policy: object,
-) -> None:
-    """With an explicit endpoint the collector there has its own settings: say which of
-    these it will not see."""
-    given = {"loggers": loggers, "run_name": run_name, "output_dir": output_dir,
-             "policy": policy, **options}  # fmt: skip
-    unused = [name for name, value in given.items() if value is not None]
-    if unused:
-        warnings.warn(
-            f"ranklog: records go to the collector at {endpoint}, which runs with its own "
-            f"settings; these setup_metric_logger arguments are not used: {', '.join(unused)}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def _attach(

@@ -56,8 +56,8 @@ def spill_folders(spill_dir: str | os.PathLike[str] | None) -> list[Path]:
 
 
 def spill_name(identity: RankIdentity) -> str:
-    run = _UNSAFE.sub("_", identity.run_id)[:64]
-    return f"{run}-rank{identity.rank}-{identity.incarnation}{SPILL_SUFFIX}"
+    job = _UNSAFE.sub("_", identity.run_id)[:64]
+    return f"{job}-rank{identity.rank}-{identity.incarnation}{SPILL_SUFFIX}"
 
 
 class SpillFile:
