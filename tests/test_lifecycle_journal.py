@@ -137,3 +137,14 @@ class TestSnapshot:
             9, 4, 120, 5.0,
         )  # fmt: skip
         assert not again.live
+
+    def test_a_restored_incarnation_is_found_by_its_key(self) -> None:
+        """After a restart from a snapshot, what a rank sends again is matched to its
+        incarnation by (job, rank, incarnation): its accepted seqs are known."""
+        table = RankTable()
+        table.add(("job-a", 3, "inc-b"), Peer(rank=3, world_size=8, host="h", pid=7))
+        table.add(("job-a", 4, "inc-c"), Peer(rank=4, world_size=8, host="h", pid=8))
+        restored = RankTable.from_state(table.to_state(), now=5.0)
+        again = restored.get(("job-a", 3, "inc-b"))
+        assert again is not None and again.rank == 3 and again.job == "job-a"
+        assert restored.get(("job-a", 4, "inc-c")) is not None
