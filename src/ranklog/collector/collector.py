@@ -132,6 +132,8 @@ def _serve(
         store.events.write(watch.tick(now))
         status.tick(now)
         if settings.exit_when_done and liveness.may_exit(now, last_message_at):
+            # The exit rule counts a silent rank as done at once: say so before exiting.
+            store.events.write(liveness.newly_silent(now, now_or_never=True))
             _log.info("every rank finished; draining and exiting")
             return
 
