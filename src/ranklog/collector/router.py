@@ -29,6 +29,10 @@ _REFUSED_KEYS_KEPT = 4096  # keys whose last report is remembered (more: forgott
 # A batch under this many frames waits up to _GATHER_S for the rest of its step's records.
 _GATHER_BELOW = 64
 _GATHER_S = 0.005
+# Gathers that caught nothing in a row (ranks out of step) after which small batches stop
+# waiting; one in _GATHER_RETRY still waits, to notice when the ranks fall in step again.
+_GATHER_MISSES = 3
+_GATHER_RETRY = 16
 
 
 class Router:
@@ -37,6 +41,7 @@ class Router:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.endpoint = ""
+        self._misses = 0  # gathers in a row that caught nothing
 
     def __enter__(self) -> Router:
         self._context = zmq.Context()
@@ -102,17 +107,31 @@ class Router:
         A small batch waits up to :data:`_GATHER_S` for more: the ranks of a job log in
         step, so the others' records of the same step arrive within a few milliseconds,
         and one commit (one fsync, one ack pass, one read by the backends) serves them
-        all instead of one each. Under load batches are full and nothing waits."""
+        all instead of one each. Under load batches are full and nothing waits. Ranks out
+        of step gain nothing by it, only a second wake-up per record: after
+        :data:`_GATHER_MISSES` gathers in a row caught nothing, only one batch in
+        :data:`_GATHER_RETRY` waits."""
         messages: list[Message] = []
         if not self._sock.poll(timeout_ms, zmq.POLLIN):
             return messages
         frames = self._take(messages, 0)
+        if frames >= _GATHER_BELOW or not self._gather_now():
+            return messages
+        taken = frames
         deadline = time.monotonic() + _GATHER_S
         while frames < _GATHER_BELOW and (left := deadline - time.monotonic()) > 0:
             if not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                 break
             frames = self._take(messages, frames)
+        self._misses = 0 if frames > taken else self._misses + 1
         return messages
+
+    def _gather_now(self) -> bool:
+        """Whether this small batch waits for more (see :meth:`receive`)."""
+        if self._misses < _GATHER_MISSES:
+            return True
+        self._misses += 1
+        return (self._misses - _GATHER_MISSES) % _GATHER_RETRY == 0
 
     def _take(self, messages: list[Message], frames: int) -> int:
         """Add what has arrived to ``messages`` (up to the batch bound); the frames now."""
