@@ -132,6 +132,8 @@ def _serve(
         store.events.write(watch.tick(now))
         status.tick(now)
         if settings.exit_when_done and liveness.may_exit(now, last_message_at):
+            # A rank counted gone since the last once-a-second look is said before the end.
+            store.events.write(liveness.newly_silent(now, at_once=True))
             _log.info("every rank finished; draining and exiting")
             return
 

@@ -42,10 +42,10 @@ class Liveness:
         self._report = ReportOnce(_log)
         self._silence_check_at = 0.0
 
-    def newly_silent(self, now: float) -> list[Event]:
-        """Report the ranks that just went silent (checked once a second; more than a few
-        at once, as after a flood of made-up incarnations, in one line)."""
-        if now < self._silence_check_at:
+    def newly_silent(self, now: float, *, at_once: bool = False) -> list[Event]:
+        """Report the ranks that just went silent (checked once a second, or ``at_once``;
+        more than a few at once, as after a flood of made-up incarnations, in one line)."""
+        if now < self._silence_check_at and not at_once:
             return []
         self._silence_check_at = now + 1.0
         silent = self.ranks.newly_silent(now, self.silence_timeout)
