@@ -22,6 +22,9 @@ import zmq
 
 from ranklog import ZMQSocketHandler
 from ranklog.backends.jsonl import _flatten, _Timestamps
+from ranklog.collector import router as router_module
+from ranklog.collector.router import Router
+from ranklog.collector.settings import ServeSettings
 from ranklog.errors import ProtocolError
 from ranklog.flatten import flatten_dict
 from ranklog.rank.encoder import RecordEncoder
@@ -229,6 +232,48 @@ def _handler(endpoint: str, **settings: Any) -> tuple[ZMQSocketHandler, logging.
     return handler, logger
 
 
+class TestGather:
+    """The receive loop waits for the rest of a step's records only while that pays."""
+
+    def test_stops_waiting_when_the_ranks_log_out_of_step(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A long gather, so that "a frame 0.1 s behind the first joins its batch" does not
+        # depend on the machine's speed.
+        monkeypatch.setattr(router_module, "_GATHER_S", 0.5)
+        with Router(ServeSettings(bind="tcp://127.0.0.1:*")) as router:
+            ctx = zmq.Context()
+            rank = ctx.socket(zmq.DEALER)
+            rank.connect(router.endpoint)
+
+            def batch(*, second_after: float | None) -> int:
+                """Frames in the batch ``receive`` returns for one frame (and another
+                ``second_after`` seconds later)."""
+                rank.send(b"first")
+                if second_after is not None:
+                    time.sleep(second_after)  # what the gather waits for, not a wait for it
+                    rank.send(b"second")
+                return sum(len(payload) for _, payload in router.receive(2000))
+
+            # In step: a step's second record joins the first one's batch.
+            assert batch(second_after=0.1) == 2
+            # Out of step: the gathers catch nothing ...
+            misses = router_module._GATHER_MISSES
+            for _ in range(misses):
+                started = time.monotonic()
+                assert batch(second_after=None) == 1
+                assert time.monotonic() - started >= 0.4  # it waited
+            # ... so a lone record no longer waits; one in _GATHER_RETRY batches still does.
+            waited = 0
+            for _ in range(router_module._GATHER_RETRY):
+                started = time.monotonic()
+                assert batch(second_after=None) == 1
+                waited += time.monotonic() - started >= 0.4
+            assert waited == 1
+            rank.close(0)
+            ctx.term()
+
+
 class TestSender:
     """What the sender thread puts on the wire, and when."""
 
@@ -263,6 +308,34 @@ class TestSender:
         sock.send_multipart([route, pack_ack(hello["run"], 0, hello["inc"], 1)])
         handler.flush()
         assert handler.stats["held"] == 0
+        with pytest.warns(RuntimeWarning):  # nobody acknowledges its goodbye
+            handler.close()
+
+    def test_a_lone_records_ack_waits_for_the_next_pass(
+        self, router: tuple[zmq.Socket[bytes], str]
+    ) -> None:
+        """At training cadence the thread does not wake for each ack (one wake-up per
+        record, not two); a flush or a handled signal still reads it first: nothing
+        delivered is spilled or counted as held."""
+        sock, endpoint = router
+        handler, logger = _handler(endpoint, heartbeat_interval=30.0, ack_timeout=30.0)
+        handler.start()
+        route, hello = _receive(sock, 1.0)[0]
+        logger.info({"x": 1}, extra={"step": 1})
+        assert [env["seq"] for _, env in _receive(sock, 0.5)] == [1]
+        sock.send_multipart([route, pack_ack(hello["run"], 0, hello["inc"], 1)])
+        time.sleep(0.3)  # ample for an ack on loopback: the thread sleeps on
+        assert handler.outbox.in_flight() == 1
+        sender = handler._sender
+        assert sender is not None
+        assert sender.spill_now("SIGUSR1", 1.0) is None  # nothing unacknowledged to spill
+        assert handler.stats["held"] == 0
+        logger.info({"x": 2}, extra={"step": 2})
+        assert [env["seq"] for _, env in _receive(sock, 0.5)] == [2]
+        sock.send_multipart([route, pack_ack(hello["run"], 0, hello["inc"], 2)])
+        started = time.monotonic()
+        handler.flush()
+        assert handler.stats["held"] == 0 and time.monotonic() - started < 1.0
         with pytest.warns(RuntimeWarning):  # nobody acknowledges its goodbye
             handler.close()
 

@@ -47,6 +47,10 @@ class BackendSpec:
     log_level: int = 20
     # Bytes of journal kept once every backend here has read past them (--journal-retention).
     journal_retention: int = DEFAULT_RETENTION
+    # The embedded collector's --alert-fd (rank 0's terminal), inherited: the backends'
+    # warnings go there too; ``alert_log`` names the log that keeps every line.
+    alert_fd: int | None = None
+    alert_log: str = ""
 
     def to_line(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"

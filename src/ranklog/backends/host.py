@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TextIO
 from ranklog.errors import ConfigError
 from ranklog.journal import STATE_DIR, first_offset, journal_path, prune
 from ranklog.pipe import BackendSpec, read_announcement
-from ranklog.reporting import log_to_stderr
+from ranklog.reporting import alert_to, log_to_stderr, terminal_alerts
 
 if TYPE_CHECKING:
     from ranklog.backends.runner import Runner
@@ -95,6 +95,9 @@ def _serve(spec: BackendSpec, ready: TextIO) -> int:
         world_size=spec.world_size,
         policy_timeout=spec.policy_timeout,
     )
+    if spec.alert_fd is not None:  # the embedded collector's: rank 0's terminal
+        # Only now: dictConfig (in install_backends) closes every handler already there.
+        alert_to(spec.alert_fd, spec.alert_log)
     for backend in backends:
         if isinstance(backend.sink.handler, WandbHandler):  # a finished run's wait, in the bound
             backend.sink.handler.close_timeout = spec.drain_timeout
@@ -151,6 +154,9 @@ def _exit_abandoning(backends: list[Runner]) -> None:
     }
     for teardown in teardowns.values():
         teardown(2.0)
+    alerts = terminal_alerts()
+    if alerts is not None:  # its lines out first (bounded): the user's terminal says why
+        alerts.close()
     sys.stderr.flush()
     os._exit(1)
 

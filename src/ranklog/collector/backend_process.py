@@ -14,9 +14,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 from ranklog.errors import ConfigError
 from ranklog.pipe import BackendSpec, announcement
+from ranklog.reporting import terminal_alerts
 
 _log = logging.getLogger(__name__)
 _EXIT_GRACE = 10.0  # beyond the drain bound: W&B's bounded teardown, interpreter exit
@@ -29,6 +31,9 @@ class BackendProcess:
     """The collector's handle on the backends' process."""
 
     def __init__(self, spec: BackendSpec) -> None:
+        alerts = terminal_alerts()
+        if alerts is not None:
+            spec = replace(spec, alert_fd=alerts.fd, alert_log=alerts.log_name)
         env = dict(os.environ)
         # The child imports what this process can: ranklog itself, a config's handler modules.
         env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
@@ -41,6 +46,7 @@ class BackendProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            pass_fds=() if alerts is None else (alerts.fd,),
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._stdin = self._proc.stdin

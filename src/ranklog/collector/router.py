@@ -29,6 +29,10 @@ _REFUSED_KEYS_KEPT = 4096  # keys whose last report is remembered (more: forgott
 # A batch under this many frames waits up to _GATHER_S for the rest of its step's records.
 _GATHER_BELOW = 64
 _GATHER_S = 0.005
+# Gathers that caught nothing in a row (ranks out of step) after which small batches stop
+# waiting; one in _GATHER_RETRY still waits, to notice when the ranks fall in step again.
+_GATHER_MISSES = 3
+_GATHER_RETRY = 16
 
 
 class Router:
@@ -37,6 +41,7 @@ class Router:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.endpoint = ""
+        self._misses = 0  # gathers in a row that caught nothing
 
     def __enter__(self) -> Router:
         self._context = zmq.Context()
@@ -48,6 +53,7 @@ class Router:
                     self._context, self.settings.curve_allow
                 )
             self._sock = self._open_socket()
+            self._poll_items = [(self._sock, zmq.POLLIN)]
         except BaseException:
             self._close_context()
             raise
@@ -102,17 +108,33 @@ class Router:
         A small batch waits up to :data:`_GATHER_S` for more: the ranks of a job log in
         step, so the others' records of the same step arrive within a few milliseconds,
         and one commit (one fsync, one ack pass, one read by the backends) serves them
-        all instead of one each. Under load batches are full and nothing waits."""
+        all instead of one each. Under load batches are full and nothing waits. Ranks out
+        of step gain nothing by it, only a second wake-up per record: after
+        :data:`_GATHER_MISSES` gathers in a row caught nothing, only one batch in
+        :data:`_GATHER_RETRY` waits."""
         messages: list[Message] = []
-        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+        # zmq_poll on a list kept for it: Socket.poll builds a Poller per call, a good part
+        # of a pass's own CPU when records arrive one by one.
+        if not zmq.zmq_poll(self._poll_items, timeout_ms):
             return messages
         frames = self._take(messages, 0)
+        if frames >= _GATHER_BELOW or not self._gather_now():
+            return messages
+        taken = frames
         deadline = time.monotonic() + _GATHER_S
         while frames < _GATHER_BELOW and (left := deadline - time.monotonic()) > 0:
-            if not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            if not zmq.zmq_poll(self._poll_items, max(1, int(left * 1000))):
                 break
             frames = self._take(messages, frames)
+        self._misses = 0 if frames > taken else self._misses + 1
         return messages
+
+    def _gather_now(self) -> bool:
+        """Whether this small batch waits for more (see :meth:`receive`)."""
+        if self._misses < _GATHER_MISSES:
+            return True
+        self._misses += 1
+        return (self._misses - _GATHER_MISSES) % _GATHER_RETRY == 0
 
     def _take(self, messages: list[Message], frames: int) -> int:
         """Add what has arrived to ``messages`` (up to the batch bound); the frames now."""
@@ -135,9 +157,14 @@ class Router:
     def send(self, replies: list[tuple[bytes, bytes]]) -> None:
         """Send ``(route, frame)`` replies; one that cannot go out now is dropped (a rank
         resends after its ack timeout)."""
+        # Two sends, not send_multipart (which type-checks each part in Python first).
+        send, more, no_block = self._sock.send, zmq.NOBLOCK | zmq.SNDMORE, zmq.NOBLOCK
         for route, frame in replies:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.send_multipart([route, frame], zmq.NOBLOCK)
+            try:
+                send(route, more)
+                send(frame, no_block)
+            except zmq.ZMQError:
+                continue
 
 
 def _load_key_pair(path: Path) -> tuple[bytes, bytes]:

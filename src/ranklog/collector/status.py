@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
@@ -54,7 +54,8 @@ class StatusSocket:
 
     def serve(self, answer: Any) -> None:
         """Answer the requests that have arrived, without waiting."""
-        while self._sock.poll(0, zmq.POLLIN):
+        # EVENTS, not poll(0): this runs every pass of the receive loop.
+        while cast(int, self._sock.get(zmq.EVENTS)) & zmq.POLLIN:
             try:
                 request = json.loads(self._sock.recv(zmq.NOBLOCK))
                 reply = answer(request if isinstance(request, dict) else {})

@@ -31,6 +31,8 @@ class EmbeddedCollector:
     output_dir: Path
     world_size: int
     args: list[str] = field(default_factory=list)
+    # The thread copying the running collector's warnings to stderr (see _relay_alerts).
+    _relay: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -80,9 +82,15 @@ class EmbeddedCollector:
                 raise
             finally:
                 os.close(alerts_out)
-        _relay_alerts(alerts_in)
+        self._relay = _relay_alerts(alerts_in)
         self._wait_until_listening(proc, start)
         return proc
+
+    def relayed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until the collector's last warning lines are on
+        stderr (the relay ends once the collector, and its backends' process, exited)."""
+        if self._relay is not None:
+            self._relay.join(timeout)
 
     def _wait_until_listening(self, proc: subprocess.Popen[bytes], start: int) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -108,7 +116,7 @@ class EmbeddedCollector:
             return log.read()
 
 
-def _relay_alerts(fd: int) -> None:
+def _relay_alerts(fd: int) -> threading.Thread:
     """Copy the collector's warning lines from the pipe ``fd`` to this process's stderr
     (the torchrun job's output), on a daemon thread that blocks in ``read`` until one
     comes. The collector never holds that stderr itself: a pipeline reading the job's
@@ -123,7 +131,9 @@ def _relay_alerts(fd: int) -> None:
                 except (OSError, ValueError):  # stderr closed: the log has every line
                     return
 
-    threading.Thread(target=relay, name="ranklog-collector-alerts", daemon=True).start()
+    thread = threading.Thread(target=relay, name="ranklog-collector-alerts", daemon=True)
+    thread.start()
+    return thread
 
 
 def _reason(log: bytes) -> str:

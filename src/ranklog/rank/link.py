@@ -30,9 +30,6 @@ from ranklog.rank.system import SystemSampler, system_metrics_wanted
 from ranklog.rank.system import system_interval as system_interval_or_default
 from ranklog.wire import HEARTBEAT, HELLO
 
-# Waiting on a lone record's ack, the thread still looks at resends this often.
-_LONE_ACK_WAIT_MS = 100
-
 
 class Link:
     """The thread that delivers ``outbox`` for ``identity`` as ``config`` says.
@@ -80,6 +77,11 @@ class Link:
         )
         self._last_frame = b""  # the newest record sent (for the system metrics' step)
         self._linger_ms = 0
+        # A lone record is in flight and the thread sleeps without watching for its ack
+        # (see _idle_wait): the next pass reads it, whatever wakes the thread. Until then
+        # what the outbox holds may be acknowledged already (Sender._watch_acks).
+        self.acks_unread = False
+        self.watch_acks = False  # a caller waits for acknowledgements: wake for each
         # With nothing to send and nothing awaiting an ack the thread sleeps until its next
         # heartbeat; ``asleep`` tells the caller to wake it through this pipe (or to start
         # it: it is set until then). A thread that polled instead would take the GIL from
@@ -170,14 +172,15 @@ class Link:
         self.resend.heard_at = self.resend.advanced_at = time.monotonic()
         while True:
             in_flight = self.outbox.in_flight()
-            # A lone record is not paced: one wake for its ack, not one per poll interval.
             pace = 1 < in_flight < settings.max_in_flight and not self.ending.closing.is_set()
+            pace = pace or self.acks_unread
             ready = dict((paced if pace else poller).poll(wait_ms))
             self.asleep = False
             if monitor in ready:
                 self._on_connection_events(monitor)
             if pace or sock in ready:
                 self._read_acks(sock)
+            self.acks_unread = False
             if self._wake_r in ready:
                 self._drain_wake_pipe()
             now = time.monotonic()
@@ -206,9 +209,14 @@ class Link:
 
     def _idle_wait(self, poll_ms: int, beat_at: float) -> int:
         """How long to wait in the next poll, asleep unless there is more to do: one poll
-        interval while records are to send or several are in flight; up to
-        ``_LONE_ACK_WAIT_MS`` for a lone record's ack; else until the next heartbeat or
-        system sample."""
+        interval while records are to send or several are in flight; else until the next
+        heartbeat or system sample.
+
+        A lone record in flight (training cadence) does not wake the thread for its ack:
+        the next record, heartbeat or close does, and reads it then. A wake-up per
+        record is the rank's whole cost at that rate (unless :attr:`watch_acks`: a flush
+        waits for it). Its resend is due no sooner than ``ack_timeout`` after it went out,
+        so the thread wakes by then at the latest."""
         in_flight = self.outbox.in_flight()
         if in_flight > 1:
             return poll_ms
@@ -217,9 +225,10 @@ class Link:
         if self.outbox.has_unsent() or self.ending.closing.is_set():
             self.asleep = False
             return poll_ms
-        if in_flight:  # a lone record (training cadence): its ack wakes the thread
-            return _LONE_ACK_WAIT_MS
         wake_at = beat_at if self.system is None else min(beat_at, self.system.next_at)
+        if in_flight:
+            self.acks_unread = not self.watch_acks
+            wake_at = min(wake_at, self.outbox.sent_at + self.settings.ack_timeout)
         return max(poll_ms, int((wake_at - time.monotonic()) * 1000) + 1)
 
     def _pass_chores(self, now: float) -> None:

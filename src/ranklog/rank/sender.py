@@ -37,6 +37,9 @@ from ranklog.rank.spill import spill_folders, spill_name, spill_to
 __all__ = ["CurveKeys", "Lock", "Sender", "SenderConfig", "SenderSettings", "curve_keys"]
 
 _POLL = 0.01
+# How long a flush, close or signal waits for the thread to read an acknowledgement it
+# left unread (a lone record's): then the count of what is held is exact.
+_READ_ACKS_WAIT = 0.1
 _SHORT_BUDGET = 0.5  # after a flush that waited in vain, until acknowledgements resume
 
 
@@ -142,13 +145,19 @@ class Sender:
         """Spill what is not acknowledged yet, then wait while acknowledgements make
         progress (as :meth:`close` does) until everything put is acknowledged."""
         thread = self.link.thread
-        if thread is None or not thread.is_alive() or not self.outbox.pending():
+        if thread is None or not thread.is_alive():
             return
-        self._spill()
-        if self._wait(lambda: self.outbox.pending() == 0):
-            self._unspill()
-        else:
-            self.close_budget = min(self.close_timeout, _SHORT_BUDGET)
+        watched = self._watch_acks()
+        try:
+            if not self.outbox.pending():
+                return
+            self._spill()
+            if self._wait(lambda: self.outbox.pending() == 0):
+                self._unspill()
+            else:
+                self.close_budget = min(self.close_timeout, _SHORT_BUDGET)
+        finally:
+            self.link.watch_acks = watched
 
     def close(self) -> None:
         """Spill, wait while acknowledgements progress, say goodbye, stop the thread, and
@@ -173,6 +182,7 @@ class Sender:
         if self.closed or thread is None or not thread.is_alive():
             return None
         self.close_budget = min(self.close_timeout, bound)
+        self.link.watch_acks = self._watch_acks(self.link.watch_acks)
         records = self._spill()
         spill = self.ending.spill
         if not records or spill is None:
@@ -193,6 +203,7 @@ class Sender:
         if closed or thread is None:
             return None
         ending = self.ending
+        self._watch_acks()
         self._spill()
         ending.closing.set()
         self.wake()
@@ -204,6 +215,20 @@ class Sender:
             thread.join(2.0)
             self._spill(goodbye=True)  # its goodbye too: the collector may never hear it
         return self._report()
+
+    def _watch_acks(self, watch: bool = True) -> bool:
+        """Have the thread wake for each acknowledgement while ``watch`` (a caller waits
+        for them), and read the one it left unread now, if any (a lone record's, see
+        :class:`~.link.Link`): only what is really unacknowledged is then spilled and
+        counted. Waits :data:`_READ_ACKS_WAIT` at most; returns the setting before."""
+        link = self.link
+        before, link.watch_acks = link.watch_acks, watch
+        if link.acks_unread and link.thread is not None and link.thread.is_alive():
+            self.wake()
+            deadline = time.monotonic() + _READ_ACKS_WAIT
+            while link.acks_unread and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return before
 
     def _records_held(self) -> list[Item]:
         goodbye = self.ending.goodbye

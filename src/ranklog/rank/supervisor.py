@@ -34,6 +34,7 @@ from ranklog.journal import spill_path
 
 MAX_RESTARTS = 3
 WINDOW = 600.0  # seconds
+_RELAY_WAIT = 2.0  # seconds for the collector's last warning lines once it has exited
 # Signals a collector handles itself (drain, exit 0): one that still died of them was
 # told to stop.
 _ON_PURPOSE = (signal.SIGTERM, signal.SIGINT)
@@ -51,6 +52,11 @@ class Supervised(Protocol):
 
     def start(self) -> subprocess.Popen[bytes]:
         """Start the collector; raise ConfigError with its reason if it cannot."""
+        ...
+
+    def relayed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until the collector's last warning lines (it
+        exited) are on this process's stderr."""
         ...
 
 
@@ -90,7 +96,11 @@ class Supervisor:
         (one starting again meanwhile included); its exit status, or None if it still runs."""
         self.stop()
         self._thread.join(timeout)
-        return None if self._thread.is_alive() else self.proc.returncode
+        if self._thread.is_alive():
+            return None
+        # Its last lines (a backend abandoned at the drain bound) before this process ends.
+        self._collector.relayed(_RELAY_WAIT)
+        return self.proc.returncode
 
     def _run(self) -> None:
         while True:
