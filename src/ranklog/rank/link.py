@@ -179,7 +179,8 @@ class Link:
             if monitor in ready:
                 self._on_connection_events(monitor)
             if pace or sock in ready:
-                self._read_acks(sock)
+                read_acks(sock, self.identity.incarnation, self.outbox, self.resend,
+                          self.silence, self.refusal)  # fmt: skip
             self.acks_unread = False
             if self._wake_r in ready:
                 self._drain_wake_pipe()
@@ -328,7 +329,3 @@ class Link:
         self._linger_ms = 1000
         with contextlib.suppress(zmq.ZMQError):
             sock.send(frame, zmq.NOBLOCK)
-
-    def _read_acks(self, sock: zmq.Socket[Any]) -> None:
-        incarnation = self.identity.incarnation
-        read_acks(sock, incarnation, self.outbox, self.resend, self.silence, self.refusal)
