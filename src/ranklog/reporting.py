@@ -1,6 +1,14 @@
 """How ranklog's processes say things: their own log lines to stderr, failures that repeat
-reported once, then counted, and warnings on the terminal the user watches
-(:class:`TerminalAlerts`; ``ranklog.collector.alerts`` says where that terminal is)."""
+reported once, then counted, and warnings on the terminal the user watches.
+
+That terminal: a standalone collector's stderr is it already. The embedded one logs to a
+file in the output dir; rank 0 hands it a pipe as ``--alert-fd`` and copies what comes out
+of it to its own stderr (``rank/embedded.py``). Every warning of the ``ranklog`` loggers (a
+stalled, silent or resumed rank, a straggler, a hung job, a launch mistake, a backend that
+cannot start or is abandoned in the backends' process, which inherits the fd) goes there
+too (:class:`TerminalAlerts`): one line each, rate-limited per kind, so a 256-rank job that
+dies does not print 256 lines. The log keeps every line. A daemon thread does the writing:
+a paused terminal or a pipe nobody reads blocks that thread, never the receive loop."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ backends' process that follows the journal.
 - ``liveness``: silent ranks and the exit rule; ``events``: the events file; ``stats``: the
   counters and the status line; ``joins``: ranks joining, said in one line per burst.
 - ``launch``: launch mistakes (a rank claimed twice, world sizes that differ); ``hung``: a
-  job no rank steps in; ``alerts``: warnings to rank 0's terminal.
+  job no rank steps in (warnings to rank 0's terminal: ``ranklog.reporting``).
 - ``spills``: ingesting what ranks spilled at exit; ``ownership``: which collector serves an
   output dir, and whether the last one stopped cleanly.
 - ``cadence``: a rank's step cadence, O(1) per record; ``progress``: rates, stalls and

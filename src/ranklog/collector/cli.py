@@ -125,7 +125,7 @@ def _alerts(args: argparse.Namespace) -> logging.Handler | None:
     """The embedded collector's warnings to rank 0's stderr as well (``--alert-fd``)."""
     if getattr(args, "alert_fd", None) is None:
         return None
-    from ranklog.collector.alerts import alert_to
+    from ranklog.reporting import alert_to
 
     return alert_to(args.alert_fd, str(Path(args.output_dir) / "ranklog-collector.log"))
 

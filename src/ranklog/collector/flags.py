@@ -120,7 +120,7 @@ def _add_serve_flags(collect: argparse.ArgumentParser) -> None:
         "embedded default passes rank 0's); once it has exited, ranks never heard count as "
         "gone and a rank silent for 10s does too",
     )
-    # The embedded collector's: rank 0's stderr, where its warnings go too (alerts.py).
+    # The embedded collector's: rank 0's stderr, where its warnings go too (ranklog.reporting).
     collect.add_argument("--alert-fd", type=int, default=None, help=argparse.SUPPRESS)
     collect.add_argument(
         "--silence-timeout",
