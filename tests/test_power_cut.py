@@ -34,7 +34,7 @@ from tests.test_delivery import (
     wandb_segments,
 )
 
-RECORDS = 3000  # per rank, at 500/s
+RECORDS = 8000  # per rank, at 500/s: 16 s, time for 3 cuts even when restarts are slow
 SPILLED = 300  # rank 2's records, spilled while the collector is down
 CUTS = 3
 ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
