@@ -182,6 +182,32 @@ class TestWandbResumeAfterAnEarlyCrash:
         assert sorted(row["_step"] for run in runs for row in run.history) == list(range(10))
 
 
+class TestWandbInitFails:
+    """W&B that cannot start: what it dropped is said once, however often it is closed."""
+
+    def test_the_drops_are_said_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        for name, value in {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path),
+                            "WANDB_BASE_URL": "http://127.0.0.1:9",
+                            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+                            "NETRC": str(tmp_path / "no-netrc")}.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        handler = WandbHandler(log_dir=tmp_path)
+        try:
+            for step in range(3):
+                handler.handle(rec(0, step, {"loss": 1.0}))
+            handler.close()
+            handler.close()  # as logging.shutdown does at the process's exit
+        finally:
+            wandb.teardown()
+        said = [r.getMessage() for r in caplog.records if "dropped after" in r.getMessage()]
+        assert said == [
+            "backend wandb: 3 record(s) dropped after wandb.init failed, 0 dropped for "
+            "arriving out of step order"
+        ]
+
+
 @pytest.mark.usefixtures("offline")
 class TestWandbOddValues:
     """Values W&B cannot encode become their text; a step-less record joins no row."""

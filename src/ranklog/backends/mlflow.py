@@ -62,6 +62,7 @@ class MLflowHandler(logging.Handler):
         self.run_id: str | None = None
         self.failure: str | None = None
         self.dropped = 0
+        self._drops_said = False
         self._client: Any = None
         self._experiment_id = "0"
         #: The job the run is of (see follow_job); none before the first record.
@@ -146,7 +147,8 @@ class MLflowHandler(logging.Handler):
         client, self._client = self._client, None
         if client is not None:
             client.set_terminated(self.run_id, end_time=int(time.time() * 1000))
-        if self.dropped:
+        if self.dropped and not self._drops_said:  # once: logging.shutdown closes it again
+            self._drops_said = True
             _log.warning(
                 "backend mlflow: %d record(s) dropped after it failed to start", self.dropped
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,12 @@ class WandbHandler(logging.Handler):
     and starts a new one, named from ``run_name`` again (``{time}``: when it starts). A job
     seen again resumes its own run after the last step that run holds.
 
-    Exactly once after a crash: it implements ``protocol.Resumable``. Its state is each
-    job's run id (chosen before ``wandb.init``, so a crash during it resumes the same run)
-    and, per checkpoint, the last step handed to W&B with its journal offset (``OFFSET_ATTR``);
-    W&B writes asynchronously, so a restart reads the run's own log to learn which of those
-    steps landed, resumes the run and replays from there. It is not ``Rewindable``: rows
-    handed to W&B cannot be taken back, so a write error is its own to report (W&B's
-    service writes the files, not this process).
+    Exactly once after a crash (``protocol.Resumable``): its state is each job's run id,
+    chosen and checkpointed before ``wandb.init``, and the last step handed to W&B with its
+    journal offset (``OFFSET_ATTR``). W&B writes asynchronously: a restart reads every log of
+    the run to learn which steps landed, resumes the run and replays from there. It is not
+    ``Rewindable``: rows handed to W&B cannot be taken back, so a write error is its own to
+    report (W&B's service writes the files, not this process).
 
     >>> handler = WandbHandler(run_name="exp1", log_dir="logs", project="demo")  # doctest: +SKIP
     """
@@ -87,6 +86,7 @@ class WandbHandler(logging.Handler):
         self.wandb_init_kwargs = {k: v for k, v in wandb_init_kwargs.items() if v is not None}
         self.failure: str | None = None
         self.dropped = 0
+        self._drops_said = False
         self._report = ReportOnce(_log)
         self._run: Any = None
         self._last_step: int | None = None
@@ -145,11 +145,8 @@ class WandbHandler(logging.Handler):
     def _setup(self, record: logging.LogRecord) -> bool:
         if self._resume_id is None:
             # Chosen (and checkpointed) before wandb.init: a collector killed during init
-            # resumes this run rather than starting a second one. The user's id first, for
-            # one job.
-            given = self.wandb_init_kwargs.get("id") or os.environ.get("WANDB_RUN_ID")
-            fresh = given and given not in self._runs.values()
-            run_id = str(given) if fresh else uuid.uuid4().hex[:12]
+            # resumes this run rather than starting a second one.
+            run_id = _new_run_id(self.wandb_init_kwargs.get("id"), self._runs.values())
             self._resume_id = self._runs[_job_key(job_of(record))] = run_id
             if self._wandb_dir is None:  # where a restart looks for the run's logs
                 root = self.wandb_init_kwargs.get("dir") or os.environ.get("WANDB_DIR")
@@ -322,7 +319,9 @@ class WandbHandler(logging.Handler):
     def close(self) -> None:
         """Finish the run (uploading it, unless offline) and report what was dropped."""
         self._finish_run()
-        if self.dropped or self.out_of_order:
+        # Once: the collector closes it, then logging.shutdown closes it again at exit.
+        if (self.dropped or self.out_of_order) and not self._drops_said:
+            self._drops_said = True
             _log.warning(
                 "backend wandb: %d record(s) dropped after wandb.init failed, %d dropped "
                 "for arriving out of step order",
@@ -330,6 +329,12 @@ class WandbHandler(logging.Handler):
                 self.out_of_order,
             )
         super().close()
+
+
+def _new_run_id(given: str | None, taken: Iterable[str]) -> str:
+    """The user's run id (``id=`` or ``WANDB_RUN_ID``) if no job has it yet, else a new one."""
+    given = given or os.environ.get("WANDB_RUN_ID")
+    return str(given) if given and given not in taken else uuid.uuid4().hex[:12]
 
 
 def _job_key(job: str | None) -> str:
