@@ -157,8 +157,14 @@ def logged_through(wandb_dir: Path | None, run_id: str | None) -> int | None:
     """The last step the logs of run ``run_id`` under ``wandb_dir`` hold (None if none)."""
     if run_id is None or wandb_dir is None:
         return None
-    logs = wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb")
-    return max((step for step in map(last_step, logs) if step is not None), default=None)
+    steps = (last_step(log) for log in _run_logs(wandb_dir, run_id))
+    return max((step for step in steps if step is not None), default=None)
+
+
+def _run_logs(wandb_dir: Path, run_id: str) -> Iterator[Path]:
+    """The logs of run ``run_id``: one per segment (``offline-run-<time>-<id>/``), as W&B
+    starts a folder each time the run is resumed."""
+    return wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb")
 
 
 def teardown_within(timeout: float) -> bool:
@@ -182,7 +188,7 @@ def remove_empty_logs(wandb_dir: Path, run_id: str) -> None:
     """Remove the run's folders whose log has no header: wandb.init created them, then a
     crash or power cut came before W&B's service wrote anything durable. Left there, they
     would make ``wandb sync`` fail. (A checkpoint never lists such a log with a size.)"""
-    for log in wandb_dir.glob(f"*{run_id}*/run-{run_id}.wandb"):
+    for log in _run_logs(wandb_dir, run_id):
         try:
             if log.stat().st_size < HEADER_BYTES:
                 shutil.rmtree(log.parent)
