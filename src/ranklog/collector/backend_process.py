@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,20 @@ _log = logging.getLogger(__name__)
 _EXIT_GRACE = 10.0  # beyond the drain bound: W&B's bounded teardown, interpreter exit
 # Seconds between announcements: records arriving one by one (ranks out of step) wake
 # the backends' process once per this, not once each; the drain announces the last end.
+# Less than ANNOUNCE_BYTES new (training cadence): once per ANNOUNCE_QUIET. Each
+# announcement wakes both of that process's threads for a few records; the backends'
+# files then trail the journal by a second at most (which keeps every record meanwhile).
 ANNOUNCE_EVERY = 0.25
+ANNOUNCE_QUIET = 1.0
+ANNOUNCE_BYTES = 64 << 10
+
+
+def announce_now(news: int, since: float) -> bool:
+    """Whether ``news`` bytes made durable ``since`` seconds after the last announcement
+    are announced now (see :data:`ANNOUNCE_EVERY`)."""
+    if news <= 0 or since < ANNOUNCE_EVERY:
+        return False
+    return news >= ANNOUNCE_BYTES or since >= ANNOUNCE_QUIET
 
 
 class BackendProcess:
@@ -60,7 +74,7 @@ class BackendProcess:
         self.names: list[str] = ready["backends"]
         self._lost = False
         self._announced = -1
-        self._announce_at = 0.0
+        self._announced_at = -math.inf
         # Announcements never block the receive loop: one that does not fit in the pipe is
         # left for the next call, which carries the latest end.
         os.set_blocking(self._stdin.fileno(), False)
@@ -69,7 +83,7 @@ class BackendProcess:
         """Tell the backends the journal is durable up to ``durable_end`` (cheap to call
         again with the same end: only news is written)."""
         now = time.monotonic()
-        if durable_end <= self._announced or now < self._announce_at:
+        if not announce_now(durable_end - self._announced, now - self._announced_at):
             return
         try:
             os.write(self._stdin.fileno(), announcement(durable_end))
@@ -77,8 +91,7 @@ class BackendProcess:
             return  # the pipe is full: the next call tries again
         except OSError:
             self._report_lost()
-        self._announced = durable_end
-        self._announce_at = now + ANNOUNCE_EVERY
+        self._announced, self._announced_at = durable_end, now
 
     def _report_lost(self) -> None:
         if not self._lost:

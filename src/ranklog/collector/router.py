@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from ranklog.collector.events import Event, event
+from ranklog.collector.gaps import Gaps
 from ranklog.collector.receive import Message
 from ranklog.collector.settings import ServeSettings
 from ranklog.errors import ConfigError
@@ -33,6 +34,12 @@ _GATHER_S = 0.005
 # waiting; one in _GATHER_RETRY still waits, to notice when the ranks fall in step again.
 _GATHER_MISSES = 3
 _GATHER_RETRY = 16
+# Out of step, a small batch is held instead, the thread asleep, so that one commit serves
+# the records that arrive meanwhile: at most _HOLD_S, and at most half the shortest recent
+# gap between two messages of one rank (ranklog.collector.gaps). That rank's next record
+# then still finds its last one acknowledged, and the rank sleeps through: with two in
+# flight it would look for their acks every few milliseconds.
+_HOLD_S = 0.25
 
 
 class Router:
@@ -42,6 +49,7 @@ class Router:
         self.settings = settings
         self.endpoint = ""
         self._misses = 0  # gathers in a row that caught nothing
+        self._gaps = Gaps()
 
     def __enter__(self) -> Router:
         self._context = zmq.Context()
@@ -110,24 +118,43 @@ class Router:
         and one commit (one fsync, one ack pass, one read by the backends) serves them
         all instead of one each. Under load batches are full and nothing waits. Ranks out
         of step gain nothing by it, only a second wake-up per record: after
-        :data:`_GATHER_MISSES` gathers in a row caught nothing, only one batch in
-        :data:`_GATHER_RETRY` waits."""
+        :data:`_GATHER_MISSES` gathers in a row caught nothing, a small batch is held
+        instead (:meth:`_hold`), and only one batch in :data:`_GATHER_RETRY` gathers."""
         messages: list[Message] = []
         # zmq_poll on a list kept for it: Socket.poll builds a Poller per call, a good part
         # of a pass's own CPU when records arrive one by one.
         if not zmq.zmq_poll(self._poll_items, timeout_ms):
             return messages
         frames = self._take(messages, 0)
-        if frames >= _GATHER_BELOW or not self._gather_now():
+        if frames >= _GATHER_BELOW:
             return messages
-        taken = frames
+        self._note_gaps(messages, 0)
+        if not self._gather_now():
+            self._hold(messages, frames)
+            return messages
+        taken, first = frames, len(messages)
         deadline = time.monotonic() + _GATHER_S
         while frames < _GATHER_BELOW and (left := deadline - time.monotonic()) > 0:
             if not zmq.zmq_poll(self._poll_items, max(1, int(left * 1000))):
                 break
             frames = self._take(messages, frames)
         self._misses = 0 if frames > taken else self._misses + 1
+        self._note_gaps(messages, first)
         return messages
+
+    def _hold(self, messages: list[Message], frames: int) -> None:
+        """Ranks out of step: sleep while it pays (see :data:`_HOLD_S`), then take what
+        came meanwhile."""
+        shortest = self._gaps.shortest
+        if shortest is None or (hold := min(_HOLD_S, shortest / 2)) < _GATHER_S:
+            return
+        time.sleep(hold)
+        before = len(messages)
+        self._take(messages, frames)
+        self._note_gaps(messages, before)
+
+    def _note_gaps(self, messages: list[Message], start: int) -> None:
+        self._gaps.note([route for route, _ in messages[start:]], time.monotonic())
 
     def _gather_now(self) -> bool:
         """Whether this small batch waits for more (see :meth:`receive`)."""
