@@ -79,9 +79,10 @@ class TestHold:
     def test_a_lone_record_waits_for_another_ranks_for_half_its_gap_at_most(
         self, ranks: Ranks, gap: float, hold: float
     ) -> None:
-        ranks.a.send(b"a1")
-        assert ranks.batch()[0] == [b"a1"]  # no gap known yet: not held
-        time.sleep(gap)
+        for frame in (b"hello", b"a1"):  # the gap after a rank's hello does not count
+            ranks.a.send(frame)
+            assert ranks.batch()[0] == [frame]  # no gap known yet: not held
+            time.sleep(gap)
         ranks.a.send(b"a2")
         sender = ranks.b_sends_after(0.05, b"b1")
         frames, took = ranks.batch()
@@ -90,13 +91,14 @@ class TestHold:
         assert hold - 0.02 <= took < hold + 0.1, took
 
     def test_no_hold_once_a_rank_sent_two_records_together(self, ranks: Ranks) -> None:
+        ranks.a.send(b"hello")
         ranks.a.send(b"a1")
         ranks.a.send(b"a2")  # two in flight: that rank polls for their acks
         got: list[bytes] = []
         deadline = time.monotonic() + 5
-        while len(got) < 2 and time.monotonic() < deadline:
+        while len(got) < 3 and time.monotonic() < deadline:
             got += ranks.batch()[0]
-        assert got == [b"a1", b"a2"]
+        assert got == [b"hello", b"a1", b"a2"]
         time.sleep(0.3)
         ranks.a.send(b"a3")
         sender = ranks.b_sends_after(0.05, b"b1")
@@ -136,7 +138,10 @@ def _steps(
     start: float = 0.0,
 ) -> list[float | None]:
     """``routes`` each send a record every 0.5 s, spread over the half second (``pairs``
-    sends two together every ``every`` steps); :attr:`Gaps.shortest` after each arrival."""
+    sends two together every ``every`` steps), after their hellos if ``start`` is 0;
+    :attr:`Gaps.shortest` after each arrival."""
+    if not start:
+        gaps.note(routes, -0.1)
     seen: list[float | None] = []
     arrivals = sorted(
         (start + step * 0.5 + i * 0.5 / len(routes), step, route)
@@ -154,10 +159,13 @@ class TestGaps:
 
     ranks = [f"rank{i}".encode() for i in range(8)]
 
-    def test_nothing_is_known_before_a_ranks_second_message(self) -> None:
+    def test_nothing_is_known_before_a_ranks_third_message(self) -> None:
         gaps = Gaps()
-        gaps.note(self.ranks, 0.0)
+        gaps.note(self.ranks, 0.0)  # hellos
+        gaps.note(self.ranks, 0.01)  # first records, right after
         assert gaps.shortest is None
+        gaps.note(self.ranks, 0.51)
+        assert gaps.shortest == pytest.approx(0.5)
 
     def test_ranks_at_two_records_a_second(self) -> None:
         seen = _steps(Gaps(), 5, self.ranks)

@@ -7,6 +7,7 @@ for less than half of it, a rank's next record finds the last one acknowledged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 # How fast a rank's shortest gap forgets a short one: each longer gap moves it this part
@@ -18,8 +19,9 @@ _KEPT = 4096  # routes remembered (more: all forgotten at once)
 
 
 class Gaps:
-    """Each route's last arrival and shortest recent gap. :attr:`shortest` is the least of
-    those of the routes heard from lately; None until one is known."""
+    """Each route's last arrival and shortest recent gap, from its second gap on (a rank's
+    first message is its hello). :attr:`shortest` is the least of those of the routes
+    heard from lately; None until one is known."""
 
     def __init__(self) -> None:
         self.shortest: float | None = None
@@ -36,7 +38,10 @@ class Gaps:
             if before is None:
                 continue
             gap = now - before
-            known = gaps.get(route, gap)
+            known = gaps.get(route)
+            if known is None:  # its first gap, from its hello: nothing of its cadence yet
+                gaps[route] = math.inf
+                continue
             gaps[route] = known = gap if gap < known else known + _RISE * (gap - known)
             shortest = known if shortest is None else min(shortest, known)
         self.shortest = shortest
@@ -53,4 +58,4 @@ class Gaps:
         for route in [route for route, at in self._last.items() if now - at > _QUIET_S]:
             del self._last[route]
             self._gap.pop(route, None)
-        self.shortest = min(self._gap.values(), default=None)
+        self.shortest = min((gap for gap in self._gap.values() if gap < math.inf), default=None)
