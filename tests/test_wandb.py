@@ -181,6 +181,23 @@ class TestWandbResumeAfterAnEarlyCrash:
         assert f"removed {empty}: a crash left its log empty" in caplog.text
         assert sorted(row["_step"] for run in runs for row in run.history) == list(range(10))
 
+    @pytest.mark.parametrize("named_by", ["log_dir", "dir", "WANDB_DIR"])
+    def test_the_folder_checkpointed_before_init_is_where_wandb_writes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named_by: str
+    ) -> None:
+        given = tmp_path / "given"
+        given.mkdir()
+        if named_by == "WANDB_DIR":
+            monkeypatch.setenv("WANDB_DIR", str(given))
+        kwargs = {"dir": str(given)} if named_by == "dir" else {}
+        handler = WandbHandler(log_dir=tmp_path / "logs", **kwargs)
+        before_init: list[dict[str, Any]] = []
+        handler.owned_files.on_open = lambda: before_init.append(handler.checkpoint())
+        handler.handle(rec(0, 0, {"loss": 0.0}))
+        handler.close()
+        assert before_init[0]["wandb_dir"] == handler.checkpoint()["wandb_dir"]
+        assert offline_runs(tmp_path / "logs" if named_by == "log_dir" else given)
+
 
 class TestWandbInitFails:
     """W&B that cannot start: what it dropped is said once, however often it is closed."""

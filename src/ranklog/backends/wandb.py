@@ -125,7 +125,7 @@ class WandbHandler(logging.Handler):
 
     def _init_kwargs(self, record: logging.LogRecord) -> dict[str, Any]:
         kwargs = dict(self.wandb_init_kwargs)
-        if "dir" not in kwargs and "WANDB_DIR" not in os.environ:
+        if _named_dir(self.wandb_init_kwargs) is None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(self.log_dir)
         if "name" not in kwargs and (self.run_name is not None or "WANDB_NAME" not in os.environ):
@@ -149,8 +149,8 @@ class WandbHandler(logging.Handler):
             run_id = _new_run_id(self.wandb_init_kwargs.get("id"), self._runs.values())
             self._resume_id = self._runs[_job_key(job_of(record))] = run_id
             if self._wandb_dir is None:  # where a restart looks for the run's logs
-                root = self.wandb_init_kwargs.get("dir") or os.environ.get("WANDB_DIR")
-                self._wandb_dir = Path(root or self.log_dir).absolute() / "wandb"
+                root = _named_dir(self.wandb_init_kwargs) or self.log_dir
+                self._wandb_dir = Path(root).absolute() / "wandb"
             self._announce()
         try:
             import wandb
@@ -329,6 +329,14 @@ class WandbHandler(logging.Handler):
                 self.out_of_order,
             )
         super().close()
+
+
+def _named_dir(init_kwargs: Mapping[str, Any]) -> str | None:
+    """The folder W&B writes under as the user named it (``dir=``, else ``$WANDB_DIR``);
+    None if neither is set, and the handler passes its ``log_dir`` as ``dir=``."""
+    if "dir" in init_kwargs:
+        return str(init_kwargs["dir"])
+    return os.environ.get("WANDB_DIR")
 
 
 def _new_run_id(given: str | None, taken: Iterable[str]) -> str:
