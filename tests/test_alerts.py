@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ranklog.reporting import RateLimit
+from tests.test_wandb import no_wandb_account
 from tests.test_watch import torchrun
 
 
@@ -25,19 +26,12 @@ class TestOnTheTrainingTerminal:
         assert len(stalled) == 1, output
         assert re.search(r"ranklog collector: rank 1 is stepping again", output), output
 
-    def test_a_backend_that_cannot_start_in_the_torchrun_output(self, tmp_path: object) -> None:
+    def test_a_backend_that_cannot_start_in_the_torchrun_output(self, tmp_path: Path) -> None:
         """W&B fails in the backends' process (no API key: a real wandb.init failure); the
         line that says so reaches rank 0's terminal, once, and the other backends go on."""
         out = f"{tmp_path}/out"
-        env = {
-            "WANDB_MODE": "online",
-            "WANDB_API_KEY": "",
-            "HOME": f"{tmp_path}",
-            "WANDB_CONFIG_DIR": f"{tmp_path}/wandb-config",
-            "WANDB_BASE_URL": "http://127.0.0.1:9",
-        }  # nothing answers there either
         job = torchrun({"kwargs": {"loggers": ["async", "wandb"], "output_dir": out},
-                        "env": env, "steps": 20})  # fmt: skip
+                        "env": no_wandb_account(tmp_path), "steps": 20})  # fmt: skip
         output, _ = job.communicate(timeout=180)
         assert job.returncode == 0, output
         failed = re.findall(r"^ranklog collector: backend wandb: wandb\.init failed \(.*$",

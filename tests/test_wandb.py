@@ -199,16 +199,26 @@ class TestWandbResumeAfterAnEarlyCrash:
         assert offline_runs(tmp_path / "logs" if named_by == "log_dir" else given)
 
 
+def no_wandb_account(home: Path) -> dict[str, str]:
+    """The environment of a W&B run online with no API key, no netrc and no server (port 9
+    on loopback): ``wandb.init`` fails for real, as it does for a user without an account."""
+    return {
+        "WANDB_MODE": "online",
+        "WANDB_API_KEY": "",
+        "HOME": str(home),
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_CONFIG_DIR": str(home / "wandb-config"),
+        "NETRC": str(home / "no-netrc"),
+    }
+
+
 class TestWandbInitFails:
     """W&B that cannot start: what it dropped is said once, however often it is closed."""
 
     def test_the_drops_are_said_once(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     ) -> None:
-        for name, value in {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path),
-                            "WANDB_BASE_URL": "http://127.0.0.1:9",
-                            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-                            "NETRC": str(tmp_path / "no-netrc")}.items():  # fmt: skip
+        for name, value in no_wandb_account(tmp_path).items():
             monkeypatch.setenv(name, value)
         handler = WandbHandler(log_dir=tmp_path)
         try:
@@ -293,16 +303,7 @@ class TestWandbInTheCollector:
     def test_init_failure_is_reported_once_and_the_others_go_on(
         self, collector: Callable[..., CollectorProcess], tmp_path: Path
     ) -> None:
-        env = {
-            # online with no account and no reachable server: wandb.init raises
-            "WANDB_MODE": "online",
-            "WANDB_API_KEY": "",
-            "WANDB_BASE_URL": "http://127.0.0.1:9",
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-            "HOME": str(tmp_path),
-            "NETRC": str(tmp_path / "no-netrc"),
-        }
-        c = run_all_backends(collector, 50, env=env)
+        c = run_all_backends(collector, 50, env=no_wandb_account(tmp_path))
 
         log = c.log()
         assert log.count("backend wandb: wandb.init failed") == 1, log
