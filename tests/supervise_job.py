@@ -28,7 +28,10 @@ def main(out: Path) -> int:
         metrics.info({"loss": 1.0 / (step + 1) + rank}, extra={"step": step})
         step += 1
         time.sleep(0.01)
-    print(f"logged {rank} {step}", flush=True)
+    # One write: under PYTHONUNBUFFERED, print writes the line and its newline apart, and
+    # the two ranks' lines interleaved in the job's shared stdout ("logged 0 371logged 1").
+    sys.stdout.write(f"logged {rank} {step}\n")
+    sys.stdout.flush()
     code = finish_metric_logger(timeout=60)
     dist.destroy_process_group()
     return 0 if code in (None, 0) else 1
