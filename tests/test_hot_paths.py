@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -244,34 +245,47 @@ class TestGather:
         with Router(ServeSettings(bind="tcp://127.0.0.1:*")) as router:
             ctx = zmq.Context()
             rank = ctx.socket(zmq.DEALER)
-            rank.connect(router.endpoint)
+            try:
+                rank.connect(router.endpoint)
+                self._in_step_then_out_of_step(router, rank)
+            finally:
+                # Also after a failed assertion: a context left to the garbage collector
+                # with its socket open hangs in term() (the socket's weak reference is
+                # cleared first), and stalled a later test until pytest-timeout.
+                ctx.destroy(linger=0)
 
-            def batch(*, second_after: float | None) -> int:
-                """Frames in the batch ``receive`` returns for one frame (and another
-                ``second_after`` seconds later)."""
-                rank.send(b"first")
-                if second_after is not None:
-                    time.sleep(second_after)  # what the gather waits for, not a wait for it
-                    rank.send(b"second")
+    @staticmethod
+    def _in_step_then_out_of_step(router: Router, rank: zmq.Socket[bytes]) -> None:
+        def batch(*, second_after: float | None) -> int:
+            """Frames in the batch ``receive`` returns for one frame (and another sent
+            ``second_after`` seconds into the receive, while it gathers)."""
+            rank.send(b"first")
+            if second_after is not None:
+                # Sent while receive runs (the main thread does not touch ``rank`` then):
+                # sent before it, both frames could be taken at once, a gather that caught
+                # nothing.
+                later = threading.Timer(second_after, rank.send, (b"second",))
+                later.start()
+            try:
                 return sum(len(payload) for _, payload in router.receive(2000))
+            finally:
+                if second_after is not None:
+                    later.join()
 
-            # In step: a step's second record joins the first one's batch.
-            assert batch(second_after=0.1) == 2
-            # Out of step: the gathers catch nothing ...
-            misses = router_module._GATHER_MISSES
-            for _ in range(misses):
-                started = time.monotonic()
-                assert batch(second_after=None) == 1
-                assert time.monotonic() - started >= 0.4  # it waited
-            # ... so a lone record no longer waits; one in _GATHER_RETRY batches still does.
-            waited = 0
-            for _ in range(router_module._GATHER_RETRY):
-                started = time.monotonic()
-                assert batch(second_after=None) == 1
-                waited += time.monotonic() - started >= 0.4
-            assert waited == 1
-            rank.close(0)
-            ctx.term()
+        # In step: a step's second record joins the first one's batch.
+        assert batch(second_after=0.1) == 2
+        # Out of step: the gathers catch nothing ...
+        for _ in range(router_module._GATHER_MISSES):
+            started = time.monotonic()
+            assert batch(second_after=None) == 1
+            assert time.monotonic() - started >= 0.4  # it waited
+        # ... so a lone record no longer waits; one in _GATHER_RETRY batches still does.
+        waited = 0
+        for _ in range(router_module._GATHER_RETRY):
+            started = time.monotonic()
+            assert batch(second_after=None) == 1
+            waited += time.monotonic() - started >= 0.4
+        assert waited == 1
 
 
 class TestSender:
