@@ -56,8 +56,13 @@ test-tools:
 		echo "make: no LazyFS sources or not Debian; tests/test_power_cut.py will skip" >&2; \
 	fi
 
+# The suite on TEST_WORKERS pytest-xdist workers (a test file stays on one worker), then the
+# tests marked serial alone: LazyFS crashed once under a second worker's load, and a timing
+# ratio should be measured on a quiet machine.
+TEST_WORKERS ?= 2
 test: lint test-tools
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=20
+	$(PY) -m pytest -q -m serial --durations=5
 
 compose-test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/compose -m compose

@@ -80,6 +80,25 @@ def start_collector(
     raise AssertionError(f"collector never became ready:\n{log_path.read_text()}")
 
 
+# The compose test's stage timings, from its reports: under pytest-xdist the test runs in
+# a worker, and only reports reach the process that prints the summary.
+_COMPOSE_TIMINGS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "compose timings":
+            _COMPOSE_TIMINGS.update(value)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _COMPOSE_TIMINGS:
+        terminalreporter.write_line(
+            "compose test timings: "
+            + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in _COMPOSE_TIMINGS.items())
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def own_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """What the tests' processes and their children (torchrun, W&B, the default ipc://

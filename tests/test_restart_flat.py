@@ -23,6 +23,8 @@ from ranklog.wire import GOODBYE
 from tests.conftest import READY, start_collector
 from tests.test_delivery import wait_for
 
+# Times a restart against a fresh directory's: on a quiet machine, not beside another worker.
+pytestmark = pytest.mark.serial
 RANKS = 2
 STEPS = 500_000  # per rank: 1,000,000 records in the journal
 # One stdlib handler as the backend (any is one): catching up with a million records takes

@@ -56,8 +56,11 @@ def images(compose: list[str]) -> None:
 
 
 @pytest.fixture
-def compose_run(compose: list[str], images: None, tmp_path: Path) -> Iterator[ComposeRun]:
-    """A compose project writing to a fresh host directory; taken down afterwards."""
+def compose_run(
+    compose: list[str], images: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[ComposeRun]:
+    """A compose project writing to a fresh host directory; taken down afterwards. The
+    timings so far go into the test's report (the summary line: tests/conftest.py)."""
     output_dir = tmp_path / "output"
     output_dir.mkdir()
     project = f"ranklogtest{os.getpid()}{tmp_path.name.replace('_', '').replace('-', '')}"
@@ -79,11 +82,4 @@ def compose_run(compose: list[str], images: None, tmp_path: Path) -> Iterator[Co
         if runner.ids:
             runner.save_logs()
         runner.down()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if TIMINGS:
-        terminalreporter.write_line(
-            "compose test timings: "
-            + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in TIMINGS.items())
-        )
+        request.node.user_properties.append(("compose timings", dict(TIMINGS)))
