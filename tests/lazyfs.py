@@ -119,7 +119,12 @@ class LazyFS:
     def unmount(self, timeout: float = 20.0) -> None:
         if self._process is None:
             return
-        if os.path.ismount(self.mount_point):
+        if self._process.poll() is not None:
+            # LazyFS died under its mount: the mount answers "Transport endpoint is not
+            # connected" (so ismount says False) until it is detached.
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount_point)],
+                           check=False, capture_output=True)  # fmt: skip
+        elif os.path.ismount(self.mount_point):
             subprocess.run(["fusermount3", "-u", str(self.mount_point)], check=False)
         try:
             self._process.wait(timeout)
@@ -130,5 +135,12 @@ class LazyFS:
         self._process = None
 
     def close(self) -> None:
+        """Unmount; raises if LazyFS itself had crashed, so that a failure it caused is
+        named as the test tool's."""
+        died = self._process.poll() if self._process is not None else None
         self.unmount()
         os.close(self._completed)
+        assert died is None, (
+            f"LazyFS itself died (exit status {died}) under the test: a failure above is the "
+            f"test tool's, not ranklog's; see {self.log_path} and dmesg"
+        )
