@@ -6,9 +6,11 @@ The JSON holds ``args`` (positional) and ``kwargs`` for ``setup_metric_logger``,
 (variables the script itself sets before setup) and ``steps`` (default 20); each rank then
 logs ``{"loss": ...}`` per step, sleeping ``step_delay`` seconds (default 0) after each.
 ``fail_rank``: that rank exits with an error before its setup (a script that fails early).
-``all_reduce``: each step ends in an all_reduce, as a DDP step does. ``sleep``: ``{"step": S,
-"seconds": T, "rank": R}`` sleeps T seconds inside step S before its all_reduce, on rank R
-(every rank where R is absent: an evaluation or a checkpoint save).
+``logger``: the logger the script logs to (default ``instructlab.training.metrics``, where
+setup attaches ranklog). ``all_reduce``: each step ends in an all_reduce, as a DDP step
+does. ``sleep``: ``{"step": S, "seconds": T, "rank": R}`` sleeps T seconds inside step S
+before its all_reduce, on rank R (every rank where R is absent: an evaluation or a
+checkpoint save).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main() -> int:
         time.sleep(2)  # rank 0 starts the collector meanwhile
         raise SystemExit(f"rank {rank} fails on purpose before its setup")
     setup_metric_logger(*spec.get("args", []), **spec.get("kwargs", {}))
-    metrics = logging.getLogger("instructlab.training.metrics")
+    metrics = logging.getLogger(spec.get("logger", "instructlab.training.metrics"))
     metrics.info({"lr": 0.1}, extra={"hparams": True})
     sleep = spec.get("sleep", {})
     for step in range(spec.get("steps", 20)):

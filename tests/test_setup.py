@@ -98,6 +98,9 @@ class TestEmbeddedCollector:
         assert run.name == "demo" and len(run.history) == 40 and run.config["lr"] == 0.05
 
 
+NOTHING_LOGGED = "ranklog: rank 0 logged no metrics"
+
+
 def torchrun_job(
     spec: dict[str, object], *, timeout: float = 180, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -281,6 +284,18 @@ class TestInstructLabToday:
         assert sorted(tensorboard_loss_steps(run_dir)) == list(range(20))
         (run,) = [read_run(path) for path in offline_runs(out)]
         assert run.project == "p" and len(run.history) == 20 and run.config["lr"] == 0.1
+        assert NOTHING_LOGGED not in proc.stderr
+
+    def test_a_script_logging_to_another_logger_is_told(self, tmp_path: Path) -> None:
+        """Metrics logged to the package's logger rather than its metrics logger reach no
+        backend; the job's terminal says so once (rank 0), naming the logger to use."""
+        out = tmp_path / "out"
+        spec = {"args": ["async", None, str(out)], "logger": "instructlab.training", "steps": 5}
+        proc = torchrun_job(spec)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not list(out.glob("*.jsonl"))
+        assert proc.stderr.count(NOTHING_LOGGED) == 1, proc.stderr[-3000:]
+        assert "logging.getLogger('instructlab.training.metrics').info(" in proc.stderr
 
     def test_wandb_settings_made_in_the_script_reach_the_collector(self, tmp_path: Path) -> None:
         """WANDB_MODE and WANDB_PROJECT set by the training script itself, not torchrun's

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 
 from ranklog.rank.encoder import RecordEncoder
@@ -102,6 +103,10 @@ class ZMQSocketHandler(logging.Handler):
             handle_signals=handle_signals,
         )
         self._sender = Sender(identity, config, converted=self._converted, record_lock=self.lock)
+        self.records = 0  # emitted by this process
+        # The logger setup_metric_logger attached this handler to: a rank 0 that closes
+        # without a record then says so (a script logging to another logger records nothing).
+        self.serves_logger: str | None = None
         _live_handlers.add(self)
 
     def _converted(self) -> int:
@@ -125,6 +130,7 @@ class ZMQSocketHandler(logging.Handler):
                 sender.start()
             seq = sender.next_seq()
             sender.put(seq, self._encoder.record(seq, record))
+            self.records += 1
             if sender.link.asleep:
                 sender.wake()
         except Exception:
@@ -142,7 +148,10 @@ class ZMQSocketHandler(logging.Handler):
     def close(self) -> None:
         """Spill, deliver while acknowledgements progress, say goodbye, stop the sender,
         and warn about anything not delivered (and where it was spilled)."""
+        first = not self._sender.closed
         self._sender.close()
+        if first and self.records == 0 and self.serves_logger and self.identity.rank == 0:
+            warnings.warn(_nothing_logged(self.serves_logger), RuntimeWarning, stacklevel=2)
         super().close()
 
     @property
@@ -166,3 +175,12 @@ class ZMQSocketHandler(logging.Handler):
     @property
     def close_timeout(self) -> float:
         return self._sender.close_timeout
+
+
+def _nothing_logged(logger_name: str) -> str:
+    return (
+        f"ranklog: rank 0 logged no metrics: no dict record reached the logger "
+        f"{logger_name!r}, the one setup_metric_logger attached ranklog to. Log metric dicts "
+        f"there, e.g. logging.getLogger({logger_name!r}).info({{'loss': loss}}, "
+        f"extra={{'step': step}})"
+    )

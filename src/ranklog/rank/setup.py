@@ -188,6 +188,7 @@ def _attach(
         old.close()
         _attached.remove((logger, old))
     handler = ZMQSocketHandler(target, **handler_kwargs)
+    handler.serves_logger = logger_name
     handler.addFilter(IsMappingFilter())
     metrics_logger.addHandler(handler)
     metrics_logger.setLevel(level)
