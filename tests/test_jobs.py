@@ -116,6 +116,10 @@ class TestJobs:
         }
 
 
+class Killed(BaseException):
+    """A kill -9, where the test chooses: not an Exception, so no handler catches it."""
+
+
 class TestJobsInOneHandler:
     """Job changes seen by one handler, record by record."""
 
@@ -136,6 +140,30 @@ class TestJobsInOneHandler:
         restored.handle(rec(0, 1, {"loss": 4.0}, run_id="b"))  # job b goes on in its folder
         restored.close()
         assert tensorboard_runs(tmp_path) == {"r": [0, 1], "r_b": [0, 1]}
+
+    def test_killed_as_the_first_event_file_is_created_the_run_keeps_its_folder(
+        self, tmp_path: Path
+    ) -> None:
+        """A kill -9 after the run's event file exists (its header written) but before the
+        next checkpoint: the restart writes the job on in its folder, not in ``r_a``."""
+        handler = TensorBoardHandler(run_name="r", log_dir=tmp_path)
+        written: list[dict[str, Any]] = []  # the checkpoints, up to the kill
+
+        def checkpoint_or_die() -> None:
+            if any(tmp_path.rglob("events.out.tfevents.*")):
+                raise Killed  # the event file exists: the process dies before checkpointing
+            written.append(handler.checkpoint())
+
+        handler.owned_files.on_open = checkpoint_or_die
+        with pytest.raises(Killed):
+            handler.handle(rec(0, 0, {"loss": 0.0}, run_id="a"))
+        handler.close()  # the header only, as the killed process left it
+        restarted = TensorBoardHandler(run_name="r", log_dir=tmp_path)
+        restarted.restore(written[-1] if written else None)
+        restarted.handle(rec(0, 0, {"loss": 0.0}, run_id="a"))  # the journal read again
+        restarted.close()
+        assert {path.parent.name for path in tmp_path.rglob("events.out.tfevents.*")} == {"r"}
+        assert tensorboard_runs(tmp_path) == {"r": [0]}
 
     def test_a_reducing_policy_starts_each_job_afresh(self) -> None:
         policy = ReducePolicy("mean", world_size=2)

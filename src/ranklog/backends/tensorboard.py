@@ -149,6 +149,10 @@ class TensorBoardHandler(logging.Handler):
             ) from exc
         _quiet_writer_thread_errors()
         self.run_dir = self._run_dir_for(record, job)
+        # Checkpointed before the event file exists (as W&B's run before wandb.init): killed
+        # once it exists but before the next checkpoint, a restart would take the folder,
+        # its file holding only a header, for an earlier job's and write to <name>_<job>.
+        self.owned_files.opened()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._empty_first and self.run_dir not in self._opened_dirs:
             for old in self.run_dir.glob("events.out.tfevents.*"):
