@@ -149,10 +149,6 @@ class TensorBoardHandler(logging.Handler):
             ) from exc
         _quiet_writer_thread_errors()
         self.run_dir = self._run_dir_for(record, job)
-        # Checkpointed before the event file exists (as W&B's run before wandb.init): killed
-        # once it exists but before the next checkpoint, a restart would take the folder,
-        # its file holding only a header, for an earlier job's and write to <name>_<job>.
-        self.owned_files.opened()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._empty_first and self.run_dir not in self._opened_dirs:
             for old in self.run_dir.glob("events.out.tfevents.*"):
@@ -189,6 +185,11 @@ class TensorBoardHandler(logging.Handler):
         self._runs[key] = str(path)
         if len(self._runs) > _JOBS_KEPT:
             del self._runs[next(iter(self._runs))]
+        # A new job's folder is checkpointed before its event file exists (as W&B's run
+        # before wandb.init): killed once the file exists but before the next checkpoint, a
+        # restart would take the folder, its file holding only a header, for an earlier
+        # job's and write to <name>_<job>.
+        self.owned_files.opened()
         return path
 
     def emit(self, record: logging.LogRecord) -> None:
