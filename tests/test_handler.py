@@ -59,6 +59,38 @@ class TestFork:
         assert parent == list(range(100)) and child == list(range(50))
 
 
+SETUP_FORK_SCRIPT = """
+import logging, os, sys
+from ranklog import setup_metric_logger
+setup_metric_logger("async", None, sys.argv[1], endpoint=sys.argv[2], rank=0, world_size=1)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a helper process of rank 0: logs nothing, exits normally (atexit runs)
+os.waitpid(pid, 0)
+for step in range(5):
+    logging.getLogger("instructlab.training.metrics").info({"loss": 1.0}, extra={"step": step})
+"""
+
+
+class TestForkedHelper:
+    """A child forked from rank 0 that logs nothing does not say "logged no metrics"."""
+
+    def test_only_the_process_that_logs_the_metrics_speaks_of_them(
+        self, collector: Callable[..., CollectorProcess]
+    ) -> None:
+        c = collector()
+        proc = subprocess.run(
+            [sys.executable, "-c", SETUP_FORK_SCRIPT, str(c.output_dir), c.endpoint],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "logged no metrics" not in proc.stderr, proc.stderr
+        c.terminate()
+        assert c.wait(30) == 0
+        rows = read_jsonl(c.output_dir / "training_params_and_metrics_global0.jsonl")
+        assert [row["step"] for row in rows] == list(range(5))
+
+
 class TestNeverRaises:
     """A broken value or a closed handler never raises into the training loop."""
 

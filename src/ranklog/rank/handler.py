@@ -120,6 +120,9 @@ class ZMQSocketHandler(logging.Handler):
         self._encoder = RecordEncoder(identity)
         self.createLock()
         self._sender = self._sender.for_child(identity, record_lock=self.lock)
+        # The job's metrics are the parent's to log: a helper process that logs none (and
+        # exits normally) has nothing to say about them.
+        self.serves_logger = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
